@@ -1,0 +1,73 @@
+"""autoprune: search per-group structured-pruning ratios under a FLOPs, size or latency budget.
+
+The public API (see DESIGN.md)::
+
+    import autoprune as ap
+    task = ap.load_task("digits-cnn")
+    prof = ap.profile_model(task)
+    plan = ap.project(prof, {g.name: 0.4 for g in prof.groups}, ap.Budget(flops=0.5))
+    result = ap.Evaluator(task).evaluate(plan)
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .budget import Budget, global_plan, project, uniform_plan
+from .errors import (
+    AutopruneError,
+    BudgetError,
+    CheckpointError,
+    ConfigError,
+    DataNotFoundError,
+    InfeasibleBudgetError,
+    PlanError,
+    PlanMismatchError,
+    StorageError,
+    StudyError,
+    TaskError,
+)
+from .evaluate import Evaluator, TrialResult, recalibrate_batchnorm
+from .plan import Plan, apply_plan
+from .profile import GroupInfo, ModelProfile, profile_model
+from .pruning import IMPORTANCE_NAMES, channel_scores, count_macs_params
+from .task import Task, builtin_task_names, load_task
+from .train import TrainRecipe
+
+try:
+    __version__ = version("autoprune")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0.0.0"
+
+__all__ = [
+    "AutopruneError",
+    "Budget",
+    "BudgetError",
+    "CheckpointError",
+    "ConfigError",
+    "DataNotFoundError",
+    "Evaluator",
+    "GroupInfo",
+    "IMPORTANCE_NAMES",
+    "InfeasibleBudgetError",
+    "ModelProfile",
+    "Plan",
+    "PlanError",
+    "PlanMismatchError",
+    "StorageError",
+    "StudyError",
+    "Task",
+    "TaskError",
+    "TrainRecipe",
+    "TrialResult",
+    "apply_plan",
+    "builtin_task_names",
+    "channel_scores",
+    "count_macs_params",
+    "global_plan",
+    "load_task",
+    "profile_model",
+    "project",
+    "recalibrate_batchnorm",
+    "uniform_plan",
+]

@@ -1,0 +1,367 @@
+"""Budgets, and the projection of any raw ratio vector onto a plan that meets one.
+
+Every candidate a strategy proposes is projected before it is evaluated, so each trial meets the
+budget by construction rather than being rejected after the fact. Projection shifts the whole raw
+vector by one offset (keeping its shape: which groups are pruned more than which), snaps channel
+counts to the allowed grid, then gives back single channel steps to the groups most over-pruned
+relative to the shifted vector while the budget still holds. Costs come from the profile's
+analytic cost model, exact for what Torch-Pruning counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import BudgetError, ConfigError, InfeasibleBudgetError
+from .plan import Plan
+from .profile import ModelProfile
+
+__all__ = [
+    "Budget",
+    "Bounds",
+    "DEFAULT_RATIO_RANGE",
+    "resolve_bounds",
+    "project",
+    "uniform_plan",
+    "global_plan",
+]
+
+DEFAULT_RATIO_RANGE: tuple[float, float] = (0.0, 0.8)
+Bounds = Mapping[str, tuple[float, float]]
+_METRICS = ("flops", "params")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A limit on the pruned model's MACs (``flops``) or parameter count (``params``).
+
+    A value in (0, 1) is a fraction of the dense model; a value >= 1 is an absolute count
+    (MACs for one input of the traced shape, or parameters). "flops" means multiply-accumulates
+    as Torch-Pruning counts them, the convention of AMC and most pruning papers.
+    """
+
+    flops: float | None = None
+    params: float | None = None
+
+    def __post_init__(self) -> None:
+        given = [(k, getattr(self, k)) for k in _METRICS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise BudgetError(
+                "A budget limits exactly one of flops= or params= (a fraction in (0, 1) of the dense "
+                f"model, or an absolute count >= 1); got {dict(given) or 'none'}."
+            )
+        key, value = given[0]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise BudgetError(f"Budget {key}={value!r} is not allowed: use a fraction in (0, 1) or a count >= 1.")
+
+    @property
+    def metric(self) -> str:
+        return "flops" if self.flops is not None else "params"
+
+    @property
+    def value(self) -> float:
+        return float(self.flops if self.flops is not None else self.params)  # type: ignore[arg-type]
+
+    @property
+    def is_fraction(self) -> bool:
+        return self.value < 1
+
+    def limit(self, profile: ModelProfile) -> float:
+        """The absolute limit (MACs or parameters) for this profile's dense model."""
+        dense = profile.macs if self.metric == "flops" else profile.params
+        return self.value * dense if self.is_fraction else self.value
+
+    def fraction(self, profile: ModelProfile) -> float:
+        dense = profile.macs if self.metric == "flops" else profile.params
+        return self.limit(profile) / dense
+
+    def to_dict(self) -> dict[str, float]:
+        return {self.metric: self.value}
+
+    def __str__(self) -> str:
+        return f"{self.metric}={self.value:g}"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Budget:
+        if not isinstance(data, Mapping) or len(data) != 1:
+            raise BudgetError(f"A budget is one 'metric: value' pair with metric in {', '.join(_METRICS)}; got {data!r}.")
+        ((key, value),) = data.items()
+        if key not in _METRICS:
+            raise BudgetError(f"Unknown budget metric {key!r}; allowed: {', '.join(_METRICS)}.")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise BudgetError(f"Budget {key}={value!r} is not a number.") from None
+        return cls(**{key: number})
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """Parse ``flops=0.5`` / ``params=120000`` as given on the command line."""
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise BudgetError(f"--budget {text!r} must look like flops=0.5 or params=0.4.")
+        return cls.from_dict({key.strip(): value.strip()})
+
+
+def resolve_bounds(
+    profile: ModelProfile, bounds: Bounds | None = None, default: tuple[float, float] = DEFAULT_RATIO_RANGE
+) -> dict[str, tuple[float, float]]:
+    """Ratio range per group: ``bounds`` where given, ``default`` for the rest; checked."""
+    bounds = dict(bounds) if bounds is not None else {}
+    unknown = sorted(set(bounds) - set(profile.names))
+    if unknown:
+        raise ConfigError(f"Bounds name unknown groups {', '.join(unknown)}; groups: {', '.join(profile.names)}.")
+    resolved = {}
+    for name in profile.names:
+        lo, hi = bounds.get(name, default)
+        if not (0.0 <= lo <= hi < 1.0):
+            raise ConfigError(
+                f"Ratio range of group {name!r} is [{lo}, {hi}]; it must satisfy 0 <= low <= high < 1 "
+                "(ratios are the fraction of channels removed)."
+            )
+        resolved[name] = (float(lo), float(hi))
+    return resolved
+
+
+class _Grid:
+    """Allowed kept-channel counts per group, and costs of kept vectors."""
+
+    def __init__(self, profile: ModelProfile, budget: Budget, bounds: Bounds | None, round_to: int) -> None:
+        if not isinstance(round_to, int) or round_to < 1:
+            raise ConfigError(f"round_to must be a positive integer, got {round_to!r}.")
+        self.profile = profile
+        self.budget = budget
+        self.bounds = resolve_bounds(profile, bounds)
+        self.names = profile.names
+        self.dense = np.array([g.channels for g in profile.groups], dtype=np.float64)
+        self.lo = np.array([self.bounds[n][0] for n in self.names])
+        self.hi = np.array([self.bounds[n][1] for n in self.names])
+        self.options: list[np.ndarray] = []
+        for name, n, lo, hi in zip(self.names, self.dense.astype(int), self.lo, self.hi):
+            kmin = max(1, math.ceil(n * (1 - hi) - 1e-9))
+            kmax = math.floor(n * (1 - lo) + 1e-9)
+            allowed = [k for k in range(kmin, kmax + 1) if k % round_to == 0]
+            if lo == 0.0:
+                allowed.append(n)  # leaving a group whole is always allowed when its range starts at 0
+            allowed = sorted(set(allowed))
+            if not allowed:
+                raise ConfigError(
+                    f"Group {name!r} ({n} channels) has no channel count that is a multiple of "
+                    f"round_to={round_to} with a ratio in [{lo}, {hi}]; widen the ratio range or lower round_to."
+                )
+            self.options.append(np.array(allowed))
+        self.limit = budget.limit(profile)
+        metric_cost = profile.cost.macs if budget.metric == "flops" else profile.cost.params
+        self._cost = lambda kept: metric_cost(self.dense - kept)
+
+    def cost(self, kept: np.ndarray) -> float:
+        return self._cost(kept)
+
+    def snap_down(self, ratios: np.ndarray) -> np.ndarray:
+        """Largest allowed kept count not above the continuous one (prunes at least as much)."""
+        target = self.dense * (1 - ratios) + 1e-9
+        kept = np.empty_like(self.dense)
+        for i, opts in enumerate(self.options):
+            j = np.searchsorted(opts, target[i], side="right") - 1
+            kept[i] = opts[max(j, 0)]
+        return kept
+
+    def extremes(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.array([o[0] for o in self.options], float), np.array([o[-1] for o in self.options], float)
+
+    def check_feasible(self) -> None:
+        smallest, largest = self.extremes()
+        low, high = self.cost(smallest), self.cost(largest)
+        if low > self.limit * (1 + 1e-12):
+            dense = self.profile.macs if self.budget.metric == "flops" else self.profile.params
+            raise InfeasibleBudgetError(
+                f"Budget {self.budget} ({self.limit:.4g} {self._unit()}) cannot be met: with the allowed "
+                f"ratio ranges the model reaches {self.budget.metric} between {low / dense:.4f} and "
+                f"{high / dense:.4f} of dense ({low:.4g} to {high:.4g}). Raise the budget or widen the "
+                "ratio ranges (groups.ratio, groups.include)."
+            )
+
+    def _unit(self) -> str:
+        return "MACs" if self.budget.metric == "flops" else "parameters"
+
+    def fill(self, kept: np.ndarray, target_ratios: np.ndarray) -> np.ndarray:
+        """Give back channel steps to the most over-pruned groups while the budget still holds."""
+        kept = kept.copy()
+        position = [int(np.searchsorted(o, k)) for o, k in zip(self.options, kept)]
+        while True:
+            best, best_excess = -1, -np.inf
+            for i, opts in enumerate(self.options):
+                if position[i] + 1 >= len(opts):
+                    continue
+                excess = (1 - kept[i] / self.dense[i]) - target_ratios[i]
+                if excess <= best_excess:
+                    continue
+                trial = kept.copy()
+                trial[i] = opts[position[i] + 1]
+                if self.cost(trial) <= self.limit:
+                    best, best_excess = i, excess
+            if best < 0:
+                return kept
+            position[best] += 1
+            kept[best] = self.options[best][position[best]]
+
+    def exchange(self, kept: np.ndarray, tolerance: float = 1e-3) -> np.ndarray:
+        """Close a gap the single steps of :meth:`fill` cannot: one coarse step back in one group,
+        paid for by the fewest fine steps out of another, while that brings the cost closer to the
+        limit. Needed on small models whose groups move MACs in steps of several percent."""
+        kept = kept.copy()
+        current = self.cost(kept)
+        for _ in range(2 * len(self.options)):
+            if current >= self.limit * (1 - tolerance):
+                break
+            best: tuple[float, np.ndarray] | None = None
+            position = [int(np.searchsorted(o, k)) for o, k in zip(self.options, kept)]
+            for i, opts_i in enumerate(self.options):
+                if position[i] + 1 >= len(opts_i):
+                    continue
+                up = kept.copy()
+                up[i] = opts_i[position[i] + 1]
+                for j, opts_j in enumerate(self.options):
+                    if j == i or position[j] == 0:
+                        continue
+                    low, high = 1, position[j]  # fewest steps down in j that fit the budget
+                    trial = up.copy()
+                    trial[j] = opts_j[position[j] - high]
+                    if self.cost(trial) > self.limit:
+                        continue
+                    while low < high:
+                        mid = (low + high) // 2
+                        trial[j] = opts_j[position[j] - mid]
+                        if self.cost(trial) <= self.limit:
+                            high = mid
+                        else:
+                            low = mid + 1
+                    trial[j] = opts_j[position[j] - high]
+                    cost = self.cost(trial)
+                    if cost > current and (best is None or cost > best[0]):
+                        best = (cost, trial)
+            if best is None:
+                break
+            current, kept = best
+        return kept
+
+    def plan(self, kept: np.ndarray, provenance: Mapping[str, Any]) -> Plan:
+        return Plan.from_kept(
+            self.profile,
+            {n: int(k) for n, k in zip(self.names, kept)},
+            budget=self.budget.to_dict(),
+            provenance=provenance,
+        )
+
+
+def project(
+    profile: ModelProfile,
+    raw: Mapping[str, float],
+    budget: Budget,
+    *,
+    bounds: Bounds | None = None,
+    round_to: int = 1,
+    provenance: Mapping[str, Any] | None = None,
+) -> Plan:
+    """Map raw ratios (fraction removed per group, inside ``bounds``) onto a plan meeting ``budget``.
+
+    Groups missing from ``raw`` start at their lower bound. The returned plan's MACs (or params)
+    never exceed the budget and are as close below it as the channel grid allows; the budget is
+    refused before any work when even the largest allowed ratios cannot meet it.
+    """
+    grid = _Grid(profile, budget, bounds, round_to)
+    unknown = sorted(set(raw) - set(grid.names))
+    if unknown:
+        raise ConfigError(f"Raw ratios name unknown groups {', '.join(unknown)}; groups: {', '.join(grid.names)}.")
+    r = np.array([float(raw.get(n, grid.bounds[n][0])) for n in grid.names])
+    outside = [
+        f"{n}={v:g} not in [{lo:g}, {hi:g}]"
+        for n, v, lo, hi in zip(grid.names, r, grid.lo, grid.hi)
+        if not (lo - 1e-9 <= v <= hi + 1e-9)
+    ]
+    if outside:
+        raise ConfigError("Raw ratios outside their allowed ranges: " + "; ".join(outside[:5]) + ".")
+    return _shift_project(grid, r, provenance or {})
+
+
+def _shift_project(grid: _Grid, r: np.ndarray, provenance: Mapping[str, Any]) -> Plan:
+    grid.check_feasible()
+
+    def ratios_at(shift: float) -> np.ndarray:
+        return np.clip(r + shift, grid.lo, grid.hi)
+
+    def meets(shift: float) -> bool:
+        return grid.cost(grid.snap_down(ratios_at(shift))) <= grid.limit
+
+    low, high = -1.0, 1.0  # at -1 every group sits at its lower bound, at +1 at its upper bound
+    if meets(low):
+        high = low
+    else:
+        for _ in range(50):
+            mid = 0.5 * (low + high)
+            low, high = (low, mid) if meets(mid) else (mid, high)
+    target = ratios_at(high)
+    kept = grid.exchange(grid.fill(grid.snap_down(target), target))
+    return grid.plan(kept, {"projection_shift": float(high), **provenance})
+
+
+def uniform_plan(
+    profile: ModelProfile, budget: Budget, *, bounds: Bounds | None = None, round_to: int = 1
+) -> Plan:
+    """The same ratio for every group (clipped to each group's range, and as far as channel
+    rounding allows), meeting ``budget``."""
+    grid = _Grid(profile, budget, bounds, round_to)
+    return _shift_project(grid, np.zeros(len(grid.names)), {"strategy": "uniform"})
+
+
+def global_plan(
+    profile: ModelProfile,
+    budget: Budget,
+    scores: Mapping[str, np.ndarray],
+    *,
+    bounds: Bounds | None = None,
+    round_to: int = 1,
+) -> Plan:
+    """Torch-Pruning's global ranking: remove the least important channels model-wide.
+
+    ``scores`` are the per-group channel importances normalized within each group (as
+    :func:`autoprune.pruning.channel_scores` returns them), so one threshold ranks all groups.
+    """
+    grid = _Grid(profile, budget, bounds, round_to)
+    missing = [n for n in grid.names if n not in scores]
+    if missing:
+        raise ConfigError(f"global_plan needs channel scores for every group; missing: {', '.join(missing)}.")
+    grid.check_feasible()
+    smallest, largest = grid.extremes()
+    entries = []  # (score, group index) of each removable channel, lowest first within its group
+    for i, name in enumerate(grid.names):
+        ordered = np.sort(np.asarray(scores[name], dtype=np.float64))
+        removable = int(grid.dense[i] - smallest[i])
+        entries += [(float(s), i) for s in ordered[:removable]]
+    entries.sort(key=lambda e: e[0])
+    forced = grid.dense - largest  # channels the lower bounds already remove
+
+    def kept_after(m: int) -> np.ndarray:
+        removed = np.zeros_like(grid.dense)
+        for _, i in entries[:m]:
+            removed[i] += 1
+        removed = np.maximum(removed, forced)
+        return grid.snap_down((removed / grid.dense))
+
+    low, high = 0, len(entries)
+    if grid.cost(kept_after(0)) <= grid.limit:
+        high = 0
+    while low < high:
+        mid = (low + high) // 2
+        if grid.cost(kept_after(mid)) <= grid.limit:
+            high = mid
+        else:
+            low = mid + 1
+    kept = kept_after(high)
+    kept = grid.exchange(grid.fill(kept, 1 - kept / grid.dense))
+    return grid.plan(kept, {"strategy": "global", "ranking": "global"})

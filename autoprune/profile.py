@@ -1,0 +1,339 @@
+"""Profile of a dense model: its prunable groups, MACs, parameters and an analytic cost model.
+
+The cost model answers "how many MACs and parameters would the model have with these channel
+counts?" in microseconds, without pruning or tracing, so that budget projection can try hundreds of
+channel vectors per candidate. It is exact for the layers Torch-Pruning's counter counts: every
+size a layer's count uses (input/output dims, in/out channels, groups) is linear in the number of
+channels removed from each group, so one pruned trace per group measures those slopes once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import pruning
+from .errors import AutopruneError, ConfigError
+
+if TYPE_CHECKING:
+    from .task import Task
+
+__all__ = ["GroupInfo", "ModelProfile", "CostModel", "profile_model"]
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """One prunable group (one search dimension).
+
+    Attributes:
+        name: the root layer's module name; plans and search spaces key ratios by it.
+        channels: dense number of output channels shared by the group.
+        members: ``"module:out"``/``"module:in"`` for every named layer the group prunes.
+        macs: dense MACs of the layers whose output channels this group owns.
+        macs_share: ``macs`` as a fraction of the whole model's MACs.
+        in_channels, kernel_size, stride, height, width: the root layer's shape (AMC's embedding);
+            height and width are the root's output feature map (1 for linear layers).
+    """
+
+    name: str
+    channels: int
+    members: tuple[str, ...]
+    macs: float
+    macs_share: float
+    in_channels: int
+    kernel_size: int
+    stride: int
+    height: int
+    width: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "channels": self.channels, "members": list(self.members),
+            "macs": self.macs, "macs_share": self.macs_share, "in_channels": self.in_channels,
+            "kernel_size": self.kernel_size, "stride": self.stride,
+            "height": self.height, "width": self.width,
+        }
+
+
+_ONE = 0  # index of the constant quantity 1, used to pad products
+_FACTORS = 8
+
+
+@dataclass(frozen=True, eq=False)
+class CostModel:
+    """MACs and parameters as exact functions of the channels removed per group.
+
+    Quantities ``q = base - slopes @ removed`` (shape (Q,)); every counted layer call contributes
+    terms ``coef * prod(q[num]) / q[den]``. ``removed`` has shape (G,), channels removed per group
+    in profile order.
+    """
+
+    base: np.ndarray  # (Q,)
+    slopes: np.ndarray  # (Q, G)
+    mac_coef: np.ndarray  # (T,)
+    mac_num: np.ndarray  # (T, _FACTORS) int
+    mac_den: np.ndarray  # (T,) int
+    mac_owner: np.ndarray  # (T,) group index or -1
+    mac_residual: float  # counted MACs of layer kinds the model does not scale (kept constant)
+    param_num: np.ndarray  # (P, _FACTORS) int
+
+    def quantities(self, removed: np.ndarray) -> np.ndarray:
+        return self.base - self.slopes @ removed
+
+    def macs(self, removed: np.ndarray) -> float:
+        q = self.quantities(removed)
+        return float((self.mac_coef * q[self.mac_num].prod(axis=1) / q[self.mac_den]).sum() + self.mac_residual)
+
+    def params(self, removed: np.ndarray) -> float:
+        q = self.quantities(removed)
+        return float(q[self.param_num].prod(axis=1).sum())
+
+    def mac_terms(self, removed: np.ndarray) -> np.ndarray:
+        q = self.quantities(removed)
+        return self.mac_coef * q[self.mac_num].prod(axis=1) / q[self.mac_den]
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What a search needs to know about a dense model, computed once.
+
+    ``macs`` are multiply-accumulates for one input of ``input_shape`` (batch 1) as Torch-Pruning
+    counts them (convolutions, linear layers, BatchNorm, activations, pooling); ``params`` counts
+    parameters. ``fingerprint`` identifies the group structure; plans carry it.
+    """
+
+    task: str | None
+    input_shape: tuple[int, ...]
+    groups: tuple[GroupInfo, ...]
+    macs: float
+    params: float
+    fingerprint: str
+    ignored_layers: tuple[str, ...]
+    cost: CostModel = field(repr=False, compare=False)
+
+    @property
+    def names(self) -> list[str]:
+        return [g.name for g in self.groups]
+
+    def group(self, name: str) -> GroupInfo:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise ConfigError(f"The model has no prunable group {name!r}; groups: {', '.join(self.names)}.")
+
+    def _removed(self, kept: Mapping[str, int]) -> np.ndarray:
+        return np.array([g.channels - kept.get(g.name, g.channels) for g in self.groups], dtype=np.float64)
+
+    def macs_of(self, kept: Mapping[str, int]) -> float:
+        """Analytic MACs with ``kept[name]`` output channels per group (missing groups stay dense)."""
+        return self.cost.macs(self._removed(kept))
+
+    def params_of(self, kept: Mapping[str, int]) -> float:
+        """Analytic parameter count with ``kept[name]`` output channels per group."""
+        return self.cost.params(self._removed(kept))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task, "input_shape": list(self.input_shape), "macs": self.macs,
+            "params": self.params, "fingerprint": self.fingerprint,
+            "ignored_layers": list(self.ignored_layers),
+            "groups": [g.to_dict() for g in self.groups],
+        }
+
+
+def fingerprint_of(groups: Sequence[tuple[str, int]]) -> str:
+    """sha256 of the group names and dense channel counts, in profile order."""
+    payload = json.dumps([[name, int(channels)] for name, channels in groups], separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+class _Quantities:
+    """Interns (call or parameter, size name) keys into quantity indices; index 0 is the constant 1."""
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[Any, ...]] = [("one",)]
+        self.values: list[float] = [1.0]
+        self._index: dict[tuple[Any, ...], int] = {("one",): 0}
+
+    def add(self, key: tuple[Any, ...], value: float) -> int:
+        if key not in self._index:
+            self._index[key] = len(self.keys)
+            self.keys.append(key)
+            self.values.append(float(value))
+        return self._index[key]
+
+
+def _dims(sizes: Mapping[str, int], prefix: str) -> list[str]:
+    return sorted((k for k in sizes if k.startswith(prefix + ".")), key=lambda k: int(k.split(".")[1]))
+
+
+def _call_terms(
+    i: int, call: pruning.CallRecord, quantities: _Quantities
+) -> tuple[list[tuple[float, list[int], int, int]], bool]:
+    """(coef, numerator quantities, denominator quantity, owner quantity) per MAC term of a call.
+
+    Mirrors Torch-Pruning's counter hooks; returns ``modeled=False`` for kinds it does not scale.
+    """
+    s = call.sizes
+
+    def q(name: str) -> int:
+        return quantities.add(("call", i, name), s[name])
+
+    ins, outs = [q(k) for k in _dims(s, "in")], [q(k) for k in _dims(s, "out")]
+    if call.kind == "conv":
+        spatial = [q(k) for k in _dims(s, "out")[2:]]
+        batch = q("in.0")
+        out_ch = q("attr.out_channels")
+        terms = [(1.0, [q("attr.kernel"), q("attr.in_channels"), out_ch, batch, *spatial], q("attr.groups"), out_ch)]
+        if call.has_bias:
+            terms.append((1.0, [out_ch, batch, *spatial], _ONE, out_ch))
+        return terms, True
+    if call.kind == "linear":
+        last = outs[-1]
+        terms = [(1.0, [*ins, last], _ONE, last)]
+        if call.has_bias:
+            terms.append((1.0, [last], _ONE, last))
+        return terms, True
+    if call.kind in ("norm", "layernorm"):
+        owner = ins[1] if call.kind == "norm" else ins[-1]
+        return [(2.0 if call.affine else 1.0, ins, _ONE, owner)], True
+    if call.kind == "pool":
+        return [(1.0, ins, _ONE, ins[1] if len(ins) > 1 else ins[0])], True
+    if call.kind == "activation":
+        return [(1.0, outs, _ONE, outs[1] if len(outs) > 1 else outs[0])], True
+    return [], False
+
+
+def _pad(indices: list[int]) -> list[int]:
+    if len(indices) > _FACTORS:
+        raise AutopruneError(f"a layer's cost has {len(indices)} factors; at most {_FACTORS} are modeled")
+    return indices + [_ONE] * (_FACTORS - len(indices))
+
+
+def _size_vector(
+    keys: list[tuple[Any, ...]], calls: list[pruning.CallRecord], params: Mapping[str, tuple[int, ...]]
+) -> np.ndarray:
+    values = np.empty(len(keys))
+    for j, key in enumerate(keys):
+        if key[0] == "one":
+            values[j] = 1.0
+        elif key[0] == "call":
+            values[j] = calls[key[1]].sizes[key[2]]
+        else:
+            values[j] = params[key[1]][key[2]]
+    return values
+
+
+def profile_model(
+    task: Task | nn.Module,
+    example_input: torch.Tensor | None = None,
+    *,
+    ignored_layers: Sequence[str] = (),
+) -> ModelProfile:
+    """Profile a task's dense model (or a bare model with its ``example_input``, batch size 1).
+
+    Finds the prunable groups with Torch-Pruning's DependencyGraph, counts dense MACs and
+    parameters, and measures the cost model (one pruned trace per group).
+    """
+    from .task import Task
+
+    name: str | None = None
+    if isinstance(task, Task):
+        model, example_input = task.model, task.example_input
+        ignored_layers = tuple(task.ignored_layers) + tuple(ignored_layers)
+        name = task.name
+    else:
+        model = task
+        if example_input is None:
+            raise ConfigError("profile_model(model) needs example_input, one input batch of size 1.")
+    if example_input.shape[0] != 1:
+        raise ConfigError(f"example_input must have batch size 1, got shape {tuple(example_input.shape)}.")
+    model.eval()
+    raw_groups = pruning.find_groups(model, example_input, ignored_layers)
+    dense_macs, dense_params = pruning.count_macs_params(model, example_input)
+    calls, param_shapes = pruning.trace_calls(model, example_input)
+
+    quantities = _Quantities()
+    mac_terms: list[tuple[float, list[int], int, int]] = []
+    unmodeled_calls = False
+    for i, call in enumerate(calls):
+        terms, modeled = _call_terms(i, call, quantities)
+        mac_terms += terms
+        unmodeled_calls |= not modeled
+    param_num = [
+        _pad([quantities.add(("param", pname, d), size) for d, size in enumerate(shape)])
+        for pname, shape in param_shapes.items()
+    ]
+    base = np.array(quantities.values)
+    slopes = np.zeros((len(base), len(raw_groups)))
+    for g, group in enumerate(raw_groups):
+        if group.channels < 2:
+            continue  # a single channel cannot be removed
+        probe = pruning.prune_copy(model, example_input, {group.name: group.channels - 1})
+        probe_calls, probe_params = pruning.trace_calls(probe, example_input)
+        if [c.module for c in probe_calls] != [c.module for c in calls]:
+            raise AutopruneError(
+                f"Pruning group {group.name!r} changed which layers run; autoprune needs a model "
+                "whose forward pass runs the same layers for every channel count."
+            )
+        slopes[:, g] = base - _size_vector(quantities.keys, probe_calls, probe_params)
+
+    owner_group = np.full(len(base), -1)
+    for j in range(len(base)):
+        nonzero = np.flatnonzero(slopes[j])
+        if nonzero.size:
+            owner_group[j] = nonzero[0]
+    cost = CostModel(
+        base=base,
+        slopes=slopes,
+        mac_coef=np.array([t[0] for t in mac_terms]),
+        mac_num=np.array([_pad(t[1]) for t in mac_terms], dtype=np.int64).reshape(-1, _FACTORS),
+        mac_den=np.array([t[2] for t in mac_terms], dtype=np.int64),
+        mac_owner=np.array([owner_group[t[3]] for t in mac_terms], dtype=np.int64),
+        mac_residual=0.0,
+        param_num=np.array(param_num, dtype=np.int64).reshape(-1, _FACTORS),
+    )
+    modeled = cost.macs(np.zeros(len(raw_groups)))
+    # Layers the counter counts but the model does not scale (RNNs, attention) stay constant.
+    residual = float(dense_macs - modeled) if unmodeled_calls else 0.0
+    object.__setattr__(cost, "mac_residual", residual)
+
+    dense_terms = cost.mac_terms(np.zeros(len(raw_groups)))
+    modules = dict(model.named_modules())
+    groups = []
+    for g, raw in enumerate(raw_groups):
+        root = modules[raw.name]
+        root_call = next(c for c in calls if c.module == raw.name)
+        out_dims = _dims(root_call.sizes, "out")
+        height = root_call.sizes[out_dims[2]] if len(out_dims) > 2 else 1
+        width = root_call.sizes[out_dims[3]] if len(out_dims) > 3 else 1
+        kernel = root_call.sizes.get("attr.kernel", 1)
+        stride = getattr(root, "stride", (1,))
+        macs = float(dense_terms[cost.mac_owner == g].sum())
+        groups.append(
+            GroupInfo(
+                name=raw.name, channels=raw.channels, members=raw.members, macs=macs,
+                macs_share=macs / dense_macs if dense_macs else 0.0,
+                in_channels=int(root_call.sizes.get("attr.in_channels", root_call.sizes.get("attr.in_features", 0))),
+                kernel_size=int(kernel), stride=int(stride[0] if isinstance(stride, tuple) else stride),
+                height=int(height), width=int(width),
+            )
+        )
+    ignored = sorted(set(ignored_layers) | {pruning.classifier_name(model, example_input) or ""} - {""})
+    return ModelProfile(
+        task=name,
+        input_shape=tuple(int(d) for d in example_input.shape),
+        groups=tuple(groups),
+        macs=float(dense_macs),
+        params=float(dense_params),
+        fingerprint=fingerprint_of([(g.name, g.channels) for g in groups]),
+        ignored_layers=tuple(ignored),
+        cost=cost,
+    )

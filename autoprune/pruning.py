@@ -1,0 +1,398 @@
+"""Channel surgery: dependency groups, importance criteria and physical pruning.
+
+This is the only module that imports Torch-Pruning. It finds the groups of layers whose channels
+must be removed together (residual adds, concats and depthwise convolutions couple them), ranks the
+channels of each group by an importance criterion, removes the lowest-ranked ones from a *copy* of
+a model, and counts MACs and parameters the way Torch-Pruning does.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import hashlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.utils.op_counter import MODULES_MAPPING as _COUNTED_TYPES
+
+from .errors import ConfigError
+
+__all__ = [
+    "ChannelImportance",
+    "L1Importance",
+    "L2Importance",
+    "TaylorImportance",
+    "BNScaleImportance",
+    "RandomImportance",
+    "IMPORTANCE_NAMES",
+    "make_importance",
+    "RawGroup",
+    "find_groups",
+    "classifier_name",
+    "channel_scores",
+    "prune_copy",
+    "count_macs_params",
+    "CallRecord",
+    "trace_calls",
+]
+
+_ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+# ----------------------------------------------------------------------------------------------
+# Groups
+
+
+@dataclass(frozen=True)
+class RawGroup:
+    """A prunable group as Torch-Pruning's DependencyGraph sees it.
+
+    ``name`` is the root layer's module name (the layer whose output channels lead the group);
+    ``members`` are ``"module.name:out"`` / ``"module.name:in"`` for every named layer the group
+    prunes, so a residual group lists every conv and BN feeding or reading the shared channels.
+    """
+
+    name: str
+    channels: int
+    members: tuple[str, ...]
+
+
+def _execution_order(model: nn.Module, example_input: torch.Tensor) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every leaf module call of one forward pass, in call order."""
+    order: list[tuple[str, nn.Module]] = []
+    names = {m: n for n, m in model.named_modules()}
+    handles = [
+        m.register_forward_hook(lambda mod, i, o: order.append((names[mod], mod)))
+        for m in model.modules()
+        if not any(True for _ in m.children())
+    ]
+    try:
+        with torch.no_grad():
+            model.eval()(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def classifier_name(model: nn.Module, example_input: torch.Tensor) -> str | None:
+    """The last Conv/Linear layer executed: the classifier, whose outputs are never pruned."""
+    roots = [name for name, m in _execution_order(model, example_input) if isinstance(m, _ROOT_TYPES)]
+    return roots[-1] if roots else None
+
+
+def _ignored_modules(model: nn.Module, example_input: torch.Tensor, ignored: Iterable[str]) -> list[nn.Module]:
+    modules = dict(model.named_modules())
+    names = set(ignored)
+    classifier = classifier_name(model, example_input)
+    if classifier is not None:
+        names.add(classifier)
+    unknown = sorted(n for n in names if n not in modules)
+    if unknown:
+        raise ConfigError(f"ignored_layers names modules the model does not have: {', '.join(unknown)}.")
+    return [modules[n] for n in sorted(names)]
+
+
+def _build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+
+
+def _groups_of(
+    graph: tp.DependencyGraph, model: nn.Module, ignored: list[nn.Module]
+) -> list[tuple[str, nn.Module, object]]:
+    names = {m: n for n, m in model.named_modules()}
+    found = []
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=_ROOT_TYPES):
+        root = group[0].dep.target.module
+        found.append((names[root], root, group))
+    return found
+
+
+def _member_label(item: object, names: Mapping[nn.Module, str], graph: tp.DependencyGraph) -> str | None:
+    module = item.dep.target.module  # type: ignore[attr-defined]
+    if module not in names:
+        return None  # functional ops (add, relu, flatten) have no module name
+    side = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"  # type: ignore[attr-defined]
+    return f"{names[module]}:{side}"
+
+
+def find_groups(
+    model: nn.Module, example_input: torch.Tensor, ignored_layers: Iterable[str] = ()
+) -> list[RawGroup]:
+    """All prunable groups in the order Torch-Pruning traces them.
+
+    The classifier (last Conv/Linear executed) and ``ignored_layers`` are left whole; the input
+    channels of the first layer are never pruned because no layer produces them.
+    """
+    model.eval()
+    graph = _build_graph(model, example_input)
+    ignored = _ignored_modules(model, example_input, ignored_layers)
+    names = {m: n for n, m in model.named_modules()}
+    result = []
+    for name, root, group in _groups_of(graph, model, ignored):
+        members: list[str] = []
+        for item in group:
+            label = _member_label(item, names, graph)
+            if label is not None and label not in members:
+                members.append(label)
+        channels = graph.get_out_channels(root)
+        result.append(RawGroup(name=name, channels=int(channels), members=tuple(members)))
+    # Network order (the first layer a group's channels come out of), which AMC's agent walks.
+    first_call: dict[str, int] = {}
+    for i, (name, _) in enumerate(_execution_order(model, example_input)):
+        first_call.setdefault(name, i)
+
+    def position(group: RawGroup) -> int:
+        outs = [m.rsplit(":", 1)[0] for m in group.members if m.endswith(":out")]
+        return min((first_call.get(m, len(first_call)) for m in outs), default=len(first_call))
+
+    return sorted(result, key=position)
+
+
+# ----------------------------------------------------------------------------------------------
+# Importance criteria
+
+
+class ChannelImportance(abc.ABC):
+    """Scores every channel of a group; the lowest-scored channels are removed first.
+
+    Scores are normalized by their mean within the group (as Torch-Pruning's global ranking does),
+    so they are comparable across groups.
+    """
+
+    name: ClassVar[str]
+    needs_gradients: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def _scorer(self) -> Callable[[object], torch.Tensor]:
+        """A Torch-Pruning importance that maps a group to one score per root channel."""
+
+    def scores(self, group: object, group_name: str) -> np.ndarray:
+        return self._scorer()(group).detach().cpu().double().numpy()
+
+
+class L1Importance(ChannelImportance):
+    """Mean L1 norm of the channel's weights over all coupled layers (Li et al., 2017)."""
+
+    name = "l1"
+
+    def _scorer(self) -> Callable[[object], torch.Tensor]:
+        return tp.importance.GroupMagnitudeImportance(p=1, normalizer="mean")
+
+
+class L2Importance(ChannelImportance):
+    """Mean L2 norm of the channel's weights over all coupled layers."""
+
+    name = "l2"
+
+    def _scorer(self) -> Callable[[object], torch.Tensor]:
+        return tp.importance.GroupMagnitudeImportance(p=2, normalizer="mean")
+
+
+class TaylorImportance(ChannelImportance):
+    """First-order Taylor estimate of the loss change when the channel goes (Molchanov et al., 2019).
+
+    Needs gradients of the loss on training batches; :func:`channel_scores` computes them.
+    """
+
+    name = "taylor"
+    needs_gradients = True
+
+    def _scorer(self) -> Callable[[object], torch.Tensor]:
+        return tp.importance.GroupTaylorImportance(normalizer="mean")
+
+
+class BNScaleImportance(ChannelImportance):
+    """Magnitude of the BatchNorm scale that follows the channel (Network Slimming, Liu et al., 2017)."""
+
+    name = "bn_scale"
+
+    def _scorer(self) -> Callable[[object], torch.Tensor]:
+        return tp.importance.BNScaleImportance(normalizer="mean")
+
+
+class RandomImportance(ChannelImportance):
+    """Uniformly random scores, seeded per group: the control for the other criteria."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def _scorer(self) -> Callable[[object], torch.Tensor]:  # pragma: no cover - scores() overrides
+        raise NotImplementedError
+
+    def scores(self, group: object, group_name: str) -> np.ndarray:
+        digest = hashlib.sha256(f"{self.seed}:{group_name}".encode()).digest()
+        rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+        n = len(group[0][1])  # type: ignore[index]
+        values = rng.random(n)
+        return values / values.mean()
+
+
+_IMPORTANCES: dict[str, type[ChannelImportance]] = {
+    cls.name: cls for cls in (L1Importance, L2Importance, TaylorImportance, BNScaleImportance, RandomImportance)
+}
+IMPORTANCE_NAMES: tuple[str, ...] = tuple(_IMPORTANCES)
+
+
+def make_importance(name_or_instance: str | ChannelImportance, *, seed: int = 0) -> ChannelImportance:
+    """Look up an importance criterion by name (``l1``, ``l2``, ``taylor``, ``bn_scale``, ``random``)."""
+    if isinstance(name_or_instance, ChannelImportance):
+        return name_or_instance
+    try:
+        cls = _IMPORTANCES[name_or_instance]
+    except KeyError:
+        raise ConfigError(
+            f"Unknown importance criterion {name_or_instance!r}; allowed: {', '.join(IMPORTANCE_NAMES)}."
+        ) from None
+    return cls(seed) if cls is RandomImportance else cls()  # type: ignore[call-arg]
+
+
+def channel_scores(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    importance: ChannelImportance,
+    *,
+    ignored_layers: Iterable[str] = (),
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, np.ndarray]:
+    """Per-group channel scores of the dense ``model`` (higher = keep), shape (channels,) each.
+
+    Computed once per model and criterion: which channels a plan removes then depends only on how
+    many, so every candidate of a search prunes consistently. ``model`` is not modified; gradient
+    criteria run on a copy over ``batches``.
+    """
+    work = model
+    if importance.needs_gradients:
+        if not batches:
+            raise ConfigError(
+                f"Importance {importance.name!r} needs training batches to compute gradients; pass "
+                "batches=[(inputs, targets), ...] or choose l1, l2, bn_scale or random."
+            )
+        work = copy.deepcopy(model).eval()
+        loss_fn = loss_fn or nn.functional.cross_entropy
+        work.zero_grad(set_to_none=True)
+        for x, y in batches:
+            loss_fn(work(x), y).backward()
+    graph = _build_graph(work, example_input)
+    ignored = _ignored_modules(work, example_input, ignored_layers)
+    return {name: importance.scores(group, name) for name, _, group in _groups_of(graph, work, ignored)}
+
+
+def prune_copy(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    kept: Mapping[str, int],
+    scores: Mapping[str, np.ndarray] | None = None,
+) -> nn.Module:
+    """A deep copy of ``model`` with each group in ``kept`` cut to that many output channels.
+
+    ``kept`` maps group (root module) names to the number of channels to keep; the removed
+    channels are the lowest-scored in ``scores`` (the first channels when scores are absent, used
+    only where weights do not matter). ``model`` itself is left untouched.
+    """
+    pruned = copy.deepcopy(model).eval()
+    if not any(True for _ in kept):
+        return pruned
+    graph = _build_graph(pruned, example_input)
+    modules = dict(pruned.named_modules())
+    for name, keep in kept.items():
+        root = modules[name]
+        pruner = graph.get_pruner_of_module(root)
+        channels = pruner.get_out_channels(root)
+        n_remove = channels - int(keep)
+        if n_remove <= 0:
+            continue
+        order = np.argsort(scores[name], kind="stable") if scores is not None else np.arange(channels)
+        idxs = sorted(int(i) for i in order[:n_remove])
+        group = graph.get_pruning_group(root, pruner.prune_out_channels, idxs=idxs)
+        group.prune()
+    return pruned
+
+
+def count_macs_params(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]:
+    """(MACs, parameters) for one forward pass of ``example_input``, as Torch-Pruning counts them."""
+    macs, params = tp.utils.count_ops_and_params(model, example_input)
+    return int(macs), int(params)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tracing for the analytic cost model
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One call of a layer that Torch-Pruning's counter counts, with every size its count uses.
+
+    ``sizes`` names each quantity (``in.1`` = input dim 1, ``out.0``, ``attr.groups``, ...) so that
+    the same call in a pruned copy can be compared size by size.
+    """
+
+    module: str
+    kind: str
+    sizes: Mapping[str, int]
+    has_bias: bool
+    affine: bool
+
+
+_KIND_BY_TYPE: dict[type, str] = {}
+for _t in _COUNTED_TYPES:
+    if issubclass(_t, nn.modules.conv._ConvNd):
+        _KIND_BY_TYPE[_t] = "conv"
+    elif _t is nn.Linear:
+        _KIND_BY_TYPE[_t] = "linear"
+    elif issubclass(_t, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+        _KIND_BY_TYPE[_t] = "norm"
+    elif _t is nn.LayerNorm:
+        _KIND_BY_TYPE[_t] = "layernorm"
+    elif "Pool" in _t.__name__:
+        _KIND_BY_TYPE[_t] = "pool"
+    elif _t in (nn.ReLU, nn.PReLU, nn.ELU, nn.LeakyReLU, nn.ReLU6, nn.GELU, nn.Upsample):
+        _KIND_BY_TYPE[_t] = "activation"
+    else:
+        _KIND_BY_TYPE[_t] = "other"
+
+
+def trace_calls(model: nn.Module, example_input: torch.Tensor) -> tuple[list[CallRecord], dict[str, tuple[int, ...]]]:
+    """Record every counted layer call of one forward pass, and every parameter's shape."""
+    names = {m: n for n, m in model.named_modules()}
+    records: list[CallRecord] = []
+
+    def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+        kind = _KIND_BY_TYPE[type(module)]
+        sizes: dict[str, int] = {}
+        if inputs and isinstance(inputs[0], torch.Tensor):
+            sizes.update({f"in.{i}": int(d) for i, d in enumerate(inputs[0].shape)})
+        if isinstance(output, torch.Tensor):
+            sizes.update({f"out.{i}": int(d) for i, d in enumerate(output.shape)})
+        for attr in ("in_channels", "out_channels", "groups", "in_features", "out_features"):
+            value = getattr(module, attr, None)
+            if isinstance(value, int):
+                sizes[f"attr.{attr}"] = value
+        if kind == "conv":
+            sizes["attr.kernel"] = int(np.prod(module.kernel_size))  # type: ignore[arg-type]
+        records.append(
+            CallRecord(
+                module=names[module], kind=kind, sizes=sizes,
+                has_bias=getattr(module, "bias", None) is not None,
+                affine=bool(getattr(module, "affine", getattr(module, "elementwise_affine", False))),
+            )
+        )
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if type(m) in _KIND_BY_TYPE]
+    try:
+        with torch.no_grad():
+            model.eval()(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    params = {name: tuple(int(d) for d in p.shape) for name, p in model.named_parameters()}
+    return records, params

@@ -1,0 +1,314 @@
+"""Tasks: a dense model, its data splits and how to score it.
+
+A task is what a search prunes. Built-in tasks are named (``digits-cnn``, ``fashionmnist-resnet20``,
+``cifar10-resnet56``, ...); a user task is ``"package.module:function"`` returning a :class:`Task`.
+Dense checkpoints are plain state dicts, looked up in ``<workdir>/checkpoints`` and then among those
+shipped with autoprune, and loaded with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import data as _data
+from . import models as _models
+from ._workdir import resolve_workdir
+from .errors import CheckpointError, TaskError
+from .train import ScoreFn, TrainRecipe, score_model, top1_accuracy, train_model
+
+__all__ = [
+    "Task", "load_task", "dense_model", "builtin_task_names", "train_task", "load_state_dict", "checkpoint_path",
+]
+
+SHIPPED_CHECKPOINTS = Path(__file__).parent / "checkpoints"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Task:
+    """A dense model with its data, ready to be pruned.
+
+    Attributes:
+        name: identifies the task in plans, studies and MLflow experiments.
+        model: the dense model, in eval mode; never modified by autoprune.
+        example_input: one input batch of size 1, e.g. shape (1, 3, 32, 32); used to trace the model.
+        train_loader: training batches (BatchNorm recalibration, fine-tuning).
+        val_loader: held-out batches that score candidates during a search.
+        test_loader: batches scored only for the final report, never to choose a plan.
+        score_fn: ``(logits (N, C), targets (N,)) -> float``, higher is better; top-1 accuracy by default.
+        ignored_layers: module names whose output channels are never pruned, besides the classifier.
+        recipe: how the dense model was (or would be) trained; also the fine-tuning recipe.
+    """
+
+    name: str
+    model: nn.Module
+    example_input: torch.Tensor
+    train_loader: DataLoader
+    val_loader: DataLoader
+    test_loader: DataLoader | None = None
+    score_fn: ScoreFn = top1_accuracy
+    ignored_layers: tuple[str, ...] = ()
+    recipe: TrainRecipe = field(default_factory=TrainRecipe)
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    build_model: Callable[[], nn.Module]
+    load_splits: Callable[[str | None], _data.Splits]
+    input_shape: tuple[int, ...]
+    recipe: TrainRecipe
+    # Cheap enough (about a minute on 2 cores) to train silently on first use; the others need an
+    # explicit `autoprune train` or a shipped checkpoint.
+    auto_train: bool = False
+    description: str = ""
+
+
+def _fashion(data_root: str | None) -> _data.Splits:
+    return _data.load_fashion_mnist_splits(data_root)
+
+
+def _cifar(data_root: str | None) -> _data.Splits:
+    return _data.load_cifar10_splits(data_root)
+
+
+_CIFAR_RECIPE = TrainRecipe(epochs=160, lr=0.1, weight_decay=5e-4, batch_size=128)
+_BUILTINS: dict[str, _Builtin] = {
+    "digits-cnn": _Builtin(
+        _models.DigitsCNN, lambda root: _data.load_digits_splits(), (1, 1, 8, 8),
+        TrainRecipe(epochs=30, lr=0.05, weight_decay=5e-4, batch_size=64), auto_train=True,
+        description="scikit-learn's 8x8 digits, 4-layer CNN with BatchNorm (offline)",
+    ),
+    "fashionmnist-cnn": _Builtin(
+        _models.FashionCNN, _fashion, (1, 1, 28, 28),
+        TrainRecipe(epochs=4, lr=0.05, weight_decay=5e-4, batch_size=128), auto_train=True,
+        description="Fashion-MNIST, 5-layer CNN with BatchNorm (Debian dataset-fashion-mnist)",
+    ),
+    "fashionmnist-resnet20": _Builtin(
+        lambda: _models.cifar_resnet(20, in_channels=1), _fashion, (1, 1, 28, 28),
+        TrainRecipe(epochs=15, lr=0.1, weight_decay=5e-4, batch_size=128),
+        description="Fashion-MNIST, ResNet-20 with projection shortcuts",
+    ),
+    "cifar10-resnet20": _Builtin(
+        lambda: _models.cifar_resnet(20), _cifar, (1, 3, 32, 32), _CIFAR_RECIPE,
+        description="CIFAR-10, ResNet-20 (He et al. 2016), projection shortcuts",
+    ),
+    "cifar10-resnet56": _Builtin(
+        lambda: _models.cifar_resnet(56), _cifar, (1, 3, 32, 32), _CIFAR_RECIPE,
+        description="CIFAR-10, ResNet-56, projection shortcuts",
+    ),
+    "cifar10-plain20": _Builtin(
+        lambda: _models.plain_net(20), _cifar, (1, 3, 32, 32), _CIFAR_RECIPE,
+        description="CIFAR-10, Plain-20 (ResNet-20 without shortcuts, as in AMC)",
+    ),
+    "cifar10-vgg16": _Builtin(
+        lambda: _models.vgg16_bn(), _cifar, (1, 3, 32, 32), _CIFAR_RECIPE,
+        description="CIFAR-10, VGG-16 with BatchNorm",
+    ),
+    "cifar10-mobilenetv2": _Builtin(
+        lambda: _models.mobilenet_v2_cifar(), _cifar, (1, 3, 32, 32), _CIFAR_RECIPE,
+        description="CIFAR-10, torchvision MobileNetV2 adapted to 32x32",
+    ),
+}
+
+
+def builtin_task_names() -> list[str]:
+    """Names accepted by :func:`load_task` besides ``package.module:function``."""
+    return list(_BUILTINS)
+
+
+def builtin_description(name: str) -> str:
+    return _BUILTINS[name].description
+
+
+def checkpoint_path(name: str, workdir: str | os.PathLike[str] | None = None) -> Path:
+    """Where ``autoprune train`` writes the dense checkpoint of a built-in task."""
+    return resolve_workdir(workdir, create=False) / "checkpoints" / f"{name}.pt"
+
+
+def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load a plain ``{name: tensor}`` state dict, refusing anything that needs unpickling."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"Checkpoint {path} does not exist.") from None
+    except Exception as exc:  # weights_only raises UnpicklingError/RuntimeError on foreign objects
+        raise CheckpointError(
+            f"Checkpoint {path} is not a plain state dict that loads with weights_only=True "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). autoprune never unpickles "
+            "arbitrary objects; save the model with torch.save(model.state_dict(), path)."
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise CheckpointError(
+            f"Checkpoint {path} holds a {type(obj).__name__}, not a state dict of name -> tensor; "
+            "save it with torch.save(model.state_dict(), path)."
+        )
+    return obj
+
+
+def _load_weights(model: nn.Module, path: Path) -> None:
+    state = load_state_dict(path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"Checkpoint {path} does not fit the model: {str(exc).splitlines()[0][:300]}. Delete it "
+            "and run `autoprune train` again."
+        ) from None
+
+
+def _loaders(splits: _data.Splits, recipe: TrainRecipe, seed: int) -> tuple[DataLoader, DataLoader, DataLoader]:
+    generator = torch.Generator().manual_seed(seed)
+    train = DataLoader(splits.train, batch_size=recipe.batch_size, shuffle=True, generator=generator)
+    val = DataLoader(splits.val, batch_size=500, shuffle=False)
+    test = DataLoader(splits.test, batch_size=500, shuffle=False)
+    return train, val, test
+
+
+def train_task(
+    name: str,
+    *,
+    epochs: float | None = None,
+    data_root: str | None = None,
+    workdir: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> tuple[Path, dict[str, Any]]:
+    """Train a built-in task's dense model with its recipe and cache the checkpoint.
+
+    Returns the checkpoint path and its metadata (recipe, epochs, validation and test accuracy),
+    which is also written next to it as JSON.
+    """
+    spec = _builtin(name)
+    splits = spec.load_splits(data_root)
+    train, val, test = _loaders(splits, spec.recipe, seed)
+    epochs = spec.recipe.epochs if epochs is None else epochs
+    if epochs <= 0:
+        raise TaskError(f"--epochs must be positive, got {epochs}.")
+    torch.manual_seed(seed)
+    model = spec.build_model()
+    train_model(model, train, epochs=epochs, recipe=spec.recipe, seed=seed,
+                description=f"train {name}", show_progress=show_progress)
+    path = resolve_workdir(workdir) / "checkpoints" / f"{name}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "task": name, "epochs": epochs, "seed": seed, "recipe": spec.recipe.to_dict(),
+        "val_accuracy": score_model(model, val), "test_accuracy": score_model(model, test),
+        "torch": torch.__version__,
+    }
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    return path, meta
+
+
+def _builtin(name: str) -> _Builtin:
+    try:
+        return _BUILTINS[name]
+    except KeyError:
+        raise TaskError(
+            f"Unknown task {name!r}. Built-in tasks: {', '.join(_BUILTINS)}; or give a user task "
+            "as 'package.module:function' returning autoprune.Task."
+        ) from None
+
+
+def dense_model(
+    name: str,
+    *,
+    workdir: str | os.PathLike[str] | None = None,
+    pretrained: bool = True,
+    data_root: str | None = None,
+    seed: int = 0,
+) -> tuple[nn.Module, torch.Tensor]:
+    """A built-in task's dense model (eval mode) and an example input of batch size 1.
+
+    Needs no dataset unless ``pretrained`` and the task has to be trained first, so profiling and
+    latency work on tasks whose data is absent.
+    """
+    spec = _builtin(name)
+    model = spec.build_model()
+    if pretrained:
+        cached = checkpoint_path(name, workdir)
+        shipped = SHIPPED_CHECKPOINTS / f"{name}.pt"
+        if cached.is_file():
+            _load_weights(model, cached)
+        elif shipped.is_file():
+            _load_weights(model, shipped)
+        elif spec.auto_train:
+            path, _ = train_task(name, data_root=data_root, workdir=workdir, seed=seed)
+            _load_weights(model, path)
+        else:
+            raise TaskError(
+                f"Task {name!r} has no trained dense checkpoint yet (looked for {cached} and "
+                f"{shipped}). Train one with `autoprune train --task {name}` (about "
+                f"{spec.recipe.epochs} epochs), or load it with pretrained=False for an untrained model."
+            )
+    return model.eval(), torch.zeros(spec.input_shape)
+
+
+def _load_builtin(
+    name: str, data_root: str | None, workdir: str | os.PathLike[str] | None, pretrained: bool, seed: int
+) -> Task:
+    spec = _builtin(name)
+    splits = spec.load_splits(data_root)
+    model, example_input = dense_model(name, workdir=workdir, pretrained=pretrained, data_root=data_root, seed=seed)
+    train, val, test = _loaders(splits, spec.recipe, seed)
+    return Task(
+        name=name, model=model, example_input=example_input,
+        train_loader=train, val_loader=val, test_loader=test, recipe=spec.recipe,
+    )
+
+
+def _load_user_task(spec: str, data_root: str | None, workdir: str | os.PathLike[str] | None) -> Task:
+    module_name, _, func_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise TaskError(f"User task {spec!r}: cannot import module {module_name!r} ({exc}).") from None
+    factory = getattr(module, func_name, None)
+    if not callable(factory):
+        raise TaskError(f"User task {spec!r}: module {module_name!r} has no function {func_name!r}.")
+    params = inspect.signature(factory).parameters
+    kwargs = {k: v for k, v in (("data_root", data_root), ("workdir", workdir)) if k in params}
+    try:
+        task = factory(**kwargs)
+    except Exception as exc:
+        raise TaskError(f"User task {spec!r} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(task, Task):
+        raise TaskError(f"User task {spec!r} returned {type(task).__name__}; it must return autoprune.Task.")
+    task.model.eval()
+    return task
+
+
+def load_task(
+    name: str,
+    *,
+    data_root: str | os.PathLike[str] | None = None,
+    workdir: str | os.PathLike[str] | None = None,
+    pretrained: bool = True,
+    seed: int = 0,
+) -> Task:
+    """Load a built-in task by name, or a user task given as ``"package.module:function"``.
+
+    ``data_root`` (or ``$AUTOPRUNE_DATA``) is where datasets that do not ship offline live.
+    With ``pretrained=False`` a built-in model keeps its random initialization (enough for
+    profiling and latency, which do not depend on the weights).
+    """
+    root = str(data_root) if data_root is not None else None
+    if ":" in name:
+        return _load_user_task(name, root, workdir)
+    return _load_builtin(name, root, workdir, pretrained, seed)
