@@ -28,9 +28,12 @@ from .errors import (
     TaskError,
 )
 from .evaluate import Evaluator, TrialResult, recalibrate_batchnorm
+from .export import ExportReport, export_study, load_pruned, save_pruned
 from .plan import Plan, apply_plan
 from .profile import GroupInfo, ModelProfile, profile_model
 from .pruning import IMPORTANCE_NAMES, channel_scores, count_macs_params
+from .search import SearchResult, search
+from .space import SearchSpace, load_space
 from .task import Task, builtin_task_names, load_task
 from .train import TrainRecipe
 
@@ -47,11 +50,14 @@ __all__ = [
     "ConfigError",
     "DataNotFoundError",
     "Evaluator",
+    "ExportReport",
     "GroupInfo",
     "IMPORTANCE_NAMES",
     "InfeasibleBudgetError",
     "ModelProfile",
     "Plan",
+    "SearchResult",
+    "SearchSpace",
     "PlanError",
     "PlanMismatchError",
     "StorageError",
@@ -64,10 +70,15 @@ __all__ = [
     "builtin_task_names",
     "channel_scores",
     "count_macs_params",
+    "export_study",
     "global_plan",
+    "load_pruned",
+    "load_space",
     "load_task",
     "profile_model",
     "project",
     "recalibrate_batchnorm",
+    "save_pruned",
+    "search",
     "uniform_plan",
 ]

@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_RATIO_RANGE",
     "resolve_bounds",
     "project",
+    "reachable_range",
     "uniform_plan",
     "global_plan",
 ]
@@ -257,6 +258,16 @@ class _Grid:
             budget=self.budget.to_dict(),
             provenance=provenance,
         )
+
+
+def reachable_range(
+    profile: ModelProfile, metric: str = "flops", *, bounds: Bounds | None = None, round_to: int = 1
+) -> tuple[float, float]:
+    """(lowest, highest) fraction of the dense model's ``metric`` that plans within ``bounds`` reach."""
+    grid = _Grid(profile, Budget(**{metric: 0.5}), bounds, round_to)
+    smallest, largest = grid.extremes()
+    dense = profile.macs if metric == "flops" else profile.params
+    return grid.cost(smallest) / dense, grid.cost(largest) / dense
 
 
 def project(

@@ -7,6 +7,7 @@ status 2, never a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ._workdir import resolve_workdir
 from .errors import AutopruneError, ConfigError
 
 app = typer.Typer(
@@ -128,6 +130,135 @@ def train(
                             workdir=workdir, seed=seed)
     console.print(f"{task}: val accuracy {meta['val_accuracy']:.4f}, test accuracy {meta['test_accuracy']:.4f} "
                   f"after {meta['epochs']} epochs; checkpoint {path}")
+
+
+@app.command()
+def search(
+    space: Annotated[str, typer.Option("--space", help="Search space YAML (path or name in search_spaces/).")] = "default",
+    strategy: Annotated[Optional[str], typer.Option("--strategy", help="optuna, rl, random, uniform or global.")] = None,
+    sampler: Annotated[Optional[str], typer.Option("--sampler", help="Optuna sampler: tpe, gp, cmaes, random, qmc, nsga2.")] = None,
+    agent: Annotated[Optional[str], typer.Option("--agent", help="RL agent: ddpg, td3 or sac.")] = None,
+    budget: Annotated[Optional[str], typer.Option("--budget", help="flops=0.5 (MACs fraction) or params=0.4; absolute counts >= 1 allowed.")] = None,
+    objective: Annotated[Optional[str], typer.Option("--objective", help="score (default) or pareto (maximize score, minimize MACs).")] = None,
+    trials: Annotated[Optional[int], typer.Option("--trials", help="Finished trials the study should have in total.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    study: Annotated[Optional[str], typer.Option("--study", help="Study name; the same name resumes.")] = None,
+    storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL (default sqlite under the workdir).")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI (default sqlite:///<workdir>/mlflow.db).")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Worker processes sharing the study on this machine.")] = 1,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="torch threads per worker (default cores/workers).")] = None,
+    workdir: WorkdirOpt = None,
+    data_root: DataRootOpt = None,
+) -> None:
+    """Search pruning ratios under a budget; every trial is tracked in MLflow."""
+    from .search import search as run_search
+
+    result = run_search(
+        space, strategy=strategy, sampler=sampler, agent=agent, budget=budget, objective=objective,
+        n_trials=trials, seed=seed, study=study, storage=storage, tracking_uri=tracking_uri, workers=workers,
+        threads=threads, workdir=workdir, data_root=data_root,
+    )
+    _print_search_result(result)
+
+
+def _print_search_result(result) -> None:  # noqa: ANN001 - SearchResult
+    if result.best_plan is None or result.best_result is None:
+        console.print(f"study {result.study_name}: no finished trial yet")
+        return
+    best, plan = result.best_result, result.best_plan
+    table = Table(title=f"best plan of study {result.study_name} (trial {plan.provenance.get('trial')})")
+    table.add_column("group")
+    table.add_column("channels", justify="right")
+    table.add_column("removed", justify="right")
+    for name, (dense, kept) in plan.channels.items():
+        table.add_row(name, f"{dense} -> {kept}", f"{plan.ratios[name]:.1%}")
+    console.print(table)
+    console.print(f"val score {best.val_score:.4f} (dense {result.dense_score:.4f}"
+                  + "".join(f", {k} {v:.4f}" for k, v in result.baselines.items())
+                  + f"); MACs {best.macs:,.0f} = {best.macs_ratio:.3f} of dense; params {best.params_ratio:.3f} of dense")
+    console.print(f"{result.n_finished} finished trials in study [bold]{result.study_name}[/bold] ({result.storage_url})")
+    console.print(f"MLflow: experiment {result.experiment!r}, run {result.mlflow_run_id} at {result.tracking_uri}; "
+                  "browse with `autoprune ui`")
+    console.print(f"export: autoprune export --study {result.study_name} --out exported/")
+    if result.stopped_early:
+        console.print(f"[yellow]stopped early; resume with the same command (--study {result.study_name})[/yellow]")
+
+
+@app.command()
+def export(
+    study: Annotated[str, typer.Option("--study", help="Study to export the best plan of.")],
+    out: Annotated[Path, typer.Option("--out", help="New directory for plan.json, model.pt, report.md/json.")],
+    storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL the search used.")] = None,
+    finetune_epochs: Annotated[float, typer.Option("--finetune-epochs", help="Fine-tuning epochs (cosine LR).")] = 1.0,
+    schedule: Annotated[str, typer.Option("--schedule", help="oneshot, or iterative:K (K prune/fine-tune steps).")] = "oneshot",
+    budget: Annotated[Optional[str], typer.Option("--budget", help="Pick the best trial within flops=F (Pareto searches).")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads")] = None,
+    workdir: WorkdirOpt = None,
+    data_root: DataRootOpt = None,
+) -> None:
+    """Export the best plan of a study with its fine-tuned pruned model and a report."""
+    from .export import export_study
+
+    _set_threads(threads)
+    report = export_study(study, out, storage=storage, finetune_epochs=finetune_epochs, schedule=schedule,
+                          budget=budget, workdir=workdir, data_root=data_root, tracking_uri=tracking_uri)
+    console.print((report.out_dir / "report.md").read_text())
+    console.print(f"wrote {report.out_dir}: plan.json, model.pt, report.md, report.json")
+
+
+@app.command()
+def ui(
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="Backend store (default sqlite:///<workdir>/mlflow.db).")] = None,
+    port: Annotated[int, typer.Option("--port")] = 5000,
+    host: Annotated[str, typer.Option("--host", help="Interface to bind; 127.0.0.1 keeps it private.")] = "127.0.0.1",
+    workdir: WorkdirOpt = None,
+) -> None:
+    """Start the MLflow UI on the search's tracking store (Ctrl-C stops it)."""
+    import signal
+    import subprocess
+
+    from .tracking import default_tracking_uri
+
+    home = resolve_workdir(workdir)
+    uri = tracking_uri or default_tracking_uri(home)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err_console.print(f"[yellow]warning: binding to {host} exposes the MLflow UI (and its data) to the network[/yellow]")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    if not uri.startswith("http"):
+        cmd += ["--default-artifact-root", (home / "mlartifacts").as_uri()]
+    cmd += ["--workers", "1"]
+    # The UI only browses runs: no background job runner (a dozen extra processes otherwise).
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    console.print(f"MLflow UI at http://{host}:{port} (backend {uri}); Ctrl-C stops it", highlight=False)
+    # Own process group, so stopping the UI stops the server's workers too.
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as cleanly as Ctrl-C
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        _stop_process_group(proc)
+    if code:
+        raise AutopruneError(f"the MLflow UI exited with status {code}; is port {port} free?")
+
+
+def _stop_process_group(proc) -> None:  # noqa: ANN001 - subprocess.Popen
+    import signal
+    import subprocess
+
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def main() -> None:

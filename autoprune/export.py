@@ -7,7 +7,11 @@ channel counts to the task's dense architecture, then the saved weights are load
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +19,12 @@ import torch
 from torch import nn
 
 from . import pruning
-from .errors import CheckpointError, PlanError
+from ._workdir import resolve_workdir
+from .errors import CheckpointError, ConfigError, PlanError, StudyError
 from .plan import Plan, check_plan_matches
+from .task import Task
 
-__all__ = ["PRUNED_FORMAT", "save_pruned", "load_pruned"]
+__all__ = ["PRUNED_FORMAT", "save_pruned", "load_pruned", "export_study", "ExportReport", "prune_and_finetune"]
 
 PRUNED_FORMAT = "autoprune.pruned/1"
 
@@ -69,3 +75,203 @@ def load_pruned(
     except RuntimeError as exc:
         raise PlanError(f"{path}: saved weights do not fit the plan's architecture ({str(exc)[:200]}).") from None
     return model.eval(), plan
+
+
+# ----------------------------------------------------------------------------------------------
+# Exporting a search's best plan
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What ``autoprune export`` wrote and measured (also ``report.json``)."""
+
+    out_dir: Path
+    plan: Plan
+    trial: int
+    data: dict[str, Any]
+
+
+def parse_schedule(text: str) -> int:
+    """``oneshot`` -> 1 step; ``iterative:K`` -> K prune/fine-tune steps."""
+    if text == "oneshot":
+        return 1
+    kind, _, steps = text.partition(":")
+    if kind == "iterative" and steps.isdigit() and int(steps) >= 1:
+        return int(steps)
+    raise ConfigError(f"--schedule {text!r} is not allowed; use oneshot or iterative:K with K >= 1.")
+
+
+def prune_and_finetune(
+    task: Task,
+    plan: Plan,
+    *,
+    epochs: float,
+    steps: int = 1,
+    importance: str = "l1",
+    seed: int = 0,
+    calibration_batches: int = 16,
+    show_progress: bool = True,
+) -> nn.Module:
+    """Prune ``task.model`` to ``plan`` in ``steps`` equal steps, fine-tuning after each.
+
+    One step is one-shot pruning then ``epochs`` of fine-tuning. With K steps each group loses
+    1/K of its pruned channels per step, re-ranked on the current weights, with ``epochs / K``
+    of fine-tuning between steps (iterative pruning). BatchNorm is recalibrated after every cut.
+    Fine-tuning uses the task's recipe at a tenth of its learning rate, cosine-decayed.
+    """
+    from .evaluate import recalibrate_batchnorm
+    from .train import train_model
+
+    x = task.example_input
+    generator = torch.Generator().manual_seed(seed)
+    calibration_loader = torch.utils.data.DataLoader(task.train_loader.dataset, batch_size=64, shuffle=True,
+                                                     generator=generator)
+    calibration = [b for _, b in zip(range(calibration_batches), calibration_loader)]
+    recipe = replace(task.recipe, lr=task.recipe.lr / 10)
+    criterion = pruning.make_importance(importance, seed=seed)
+    model = task.model
+    for step in range(1, steps + 1):
+        kept = {name: dense - round((dense - keep) * step / steps) for name, (dense, keep) in plan.channels.items()}
+        scores = pruning.channel_scores(model, x, criterion, ignored_layers=task.ignored_layers,
+                                        batches=calibration[:4])
+        current = pruning.find_groups(model, x, task.ignored_layers)
+        current_channels = {g.name: g.channels for g in current}
+        model = pruning.prune_copy(model, x, {n: k for n, k in kept.items() if k < current_channels[n]}, scores)
+        recalibrate_batchnorm(model, [b for b, _ in calibration])
+        if epochs > 0:
+            train_model(model, task.train_loader, epochs=epochs / steps, recipe=recipe, seed=seed + step,
+                        description=f"fine-tune step {step}/{steps}", show_progress=show_progress)
+    return model.eval()
+
+
+def export_study(
+    study_name: str,
+    out: str | os.PathLike[str],
+    *,
+    storage: str | None = None,
+    finetune_epochs: float = 1.0,
+    schedule: str = "oneshot",
+    budget: str | None = None,
+    workdir: str | os.PathLike[str] | None = None,
+    data_root: str | os.PathLike[str] | None = None,
+    tracking_uri: str | None = None,
+    show_progress: bool = True,
+) -> ExportReport:
+    """Export a search's best feasible plan, its fine-tuned pruned model and a report.
+
+    Writes ``plan.json``, ``model.pt``, ``report.json`` and ``report.md`` into ``out`` (created
+    whole or not at all), and logs the report to the search's MLflow parent run. The report puts
+    the pruned model's test-split score next to the uniform baseline's at the same budget with
+    the same fine-tuning. With ``budget`` (e.g. ``flops=0.3``) the best trial at or under that
+    budget is exported: how a Pareto search serves any budget.
+    """
+    from .budget import Budget, uniform_plan
+    from .profile import profile_model
+    from .pruning import count_macs_params
+    from .search import SearchSettings
+    from .study import ATTR_MLFLOW_RUN, ATTR_PLAN, ATTR_RESULT, best_trial, default_storage_url, load_study
+    from .task import load_task
+    from .train import score_model
+
+    steps = parse_schedule(schedule)
+    if finetune_epochs < 0:
+        raise ConfigError(f"--finetune-epochs must be >= 0, got {finetune_epochs}.")
+    out_dir = Path(out).resolve()
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConfigError(f"--out {out_dir} already exists and is not empty; choose a new directory.")
+    home = resolve_workdir(workdir)
+    study = load_study(study_name, storage or default_storage_url(home))
+    settings = SearchSettings.from_dict(study.user_attrs["settings"])
+    space = settings.space
+    limit = Budget.parse(budget) if budget else None
+    if limit is not None and limit.metric != "flops":
+        raise ConfigError("export --budget picks among trials by MACs; give it as flops=FRACTION.")
+    task = load_task(space.task, data_root=data_root or settings.data_root, workdir=workdir or settings.workdir)
+    profile = profile_model(task)
+    max_ratio = limit.fraction(profile) if limit else None
+    best = best_trial(study, max_macs_ratio=max_ratio)
+    if best is None:
+        raise StudyError(
+            f"Study {study_name!r} has no finished trial" + (f" within {limit}" if limit else "")
+            + "; run `autoprune search` first (or raise --budget)."
+        )
+    plan = Plan.from_dict(best.user_attrs[ATTR_PLAN], source=f"trial {best.number} of study {study_name!r}")
+    trial_budget = Budget(flops=best.user_attrs[ATTR_RESULT]["macs_ratio"]) if max_ratio else space.budget_obj
+    importance = space.evaluation.importance
+    seed = space.strategy.seed
+
+    model = prune_and_finetune(task, plan, epochs=finetune_epochs, steps=steps, importance=importance, seed=seed,
+                               show_progress=show_progress)
+    bounds = space.groups.bounds(profile)
+    uniform = uniform_plan(profile, trial_budget, bounds=bounds, round_to=space.groups.round_to)
+    uniform_model = prune_and_finetune(task, uniform, epochs=finetune_epochs, steps=steps, importance=importance,
+                                       seed=seed, show_progress=show_progress)
+    test_loader = task.test_loader or task.val_loader
+    split = "test" if task.test_loader is not None else "val"
+    x = task.example_input
+    dense_macs, dense_params = count_macs_params(task.model, x)
+    macs, params = count_macs_params(model, x)
+    uniform_macs, uniform_params = count_macs_params(uniform_model, x)
+    data: dict[str, Any] = {
+        "study": study_name, "trial": best.number, "task": space.task, "budget": plan.budget,
+        "strategy": plan.provenance.get("strategy"), "finetune_epochs": finetune_epochs, "schedule": schedule,
+        "score_split": split,
+        "dense": {"macs": dense_macs, "params": dense_params, "score": score_model(task.model, test_loader, task.score_fn)},
+        "pruned": {"macs": macs, "params": params, "macs_ratio": macs / dense_macs, "params_ratio": params / dense_params,
+                   "score": score_model(model, test_loader, task.score_fn),
+                   "val_score_before_finetune": best.user_attrs[ATTR_RESULT]["val_score"]},
+        "uniform": {"macs": uniform_macs, "params": uniform_params, "macs_ratio": uniform_macs / dense_macs,
+                    "score": score_model(uniform_model, test_loader, task.score_fn)},
+    }
+    data["pruned"]["score_minus_uniform"] = data["pruned"]["score"] - data["uniform"]["score"]
+    plan = plan.with_metrics(**{f"{split}_score_finetuned": data["pruned"]["score"]})
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        plan.save(tmp / "plan.json")
+        save_pruned(model, plan, tmp / "model.pt")
+        (tmp / "report.json").write_text(json.dumps(data, indent=2) + "\n")
+        (tmp / "report.md").write_text(_report_markdown(data))
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    run_id = study.user_attrs.get(ATTR_MLFLOW_RUN)
+    uri = tracking_uri or study.user_attrs.get("tracking_uri")
+    if run_id and uri:
+        from .tracking import Tracker
+
+        tracker = Tracker(uri, study.user_attrs.get("experiment", space.display_name),
+                          artifact_root=home / "mlartifacts")
+        for name in ("report.md", "report.json", "plan.json", "model.pt"):
+            tracker.log_file(run_id, out_dir / name, "export")
+        tracker.log_metrics(run_id, {f"export_{split}_score_best": data["pruned"]["score"],
+                                     f"export_{split}_score_uniform": data["uniform"]["score"],
+                                     f"export_{split}_score_dense": data["dense"]["score"]})
+    return ExportReport(out_dir=out_dir, plan=plan, trial=best.number, data=data)
+
+
+def _report_markdown(d: dict[str, Any]) -> str:
+    split = d["score_split"]
+    rows = [
+        ("dense", d["dense"]["macs"], 1.0, d["dense"]["params"], d["dense"]["score"]),
+        (f"searched (trial {d['trial']})", d["pruned"]["macs"], d["pruned"]["macs_ratio"], d["pruned"]["params"], d["pruned"]["score"]),
+        ("uniform baseline", d["uniform"]["macs"], d["uniform"]["macs_ratio"], d["uniform"]["params"], d["uniform"]["score"]),
+    ]
+    lines = [
+        f"# autoprune export: {d['task']}, study {d['study']}",
+        "",
+        f"Budget {d['budget']}; best plan from {d['strategy']}; both pruned models fine-tuned "
+        f"{d['finetune_epochs']} epoch(s), schedule {d['schedule']}; scores on the {split} split. MACs as Torch-Pruning counts them.",
+        "",
+        f"| model | MACs | MACs ratio | params | {split} score |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {n} | {m:,.0f} | {r:.3f} | {p:,.0f} | {s:.4f} |" for n, m, r, p, s in rows]
+    diff = d["pruned"]["score_minus_uniform"]
+    lines += ["", f"Searched minus uniform: {diff:+.4f} ({'better' if diff > 0 else 'not better'} than the uniform baseline).", ""]
+    return "\n".join(lines)

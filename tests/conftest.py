@@ -52,3 +52,25 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
         [sys.executable, "-m", "autoprune.cli", *args],
         capture_output=True, text=True, env=full_env, cwd=cwd or REPO, timeout=timeout,
     )
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, session_workdir: Path, digits_task) -> Path:
+    """A fresh workdir that already holds the trained digits checkpoint."""
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(session_workdir / "checkpoints", home / "checkpoints")
+    return home
+
+
+def mlflow_runs(workdir: Path, experiment: str = "digits-cnn"):
+    """(parent runs, child runs) of an experiment in the workdir's MLflow SQLite store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=5000)
+    parents = [r for r in runs if r.data.tags.get("autoprune.kind") == "search"]
+    children = [r for r in runs if r.data.tags.get("autoprune.kind") == "trial"]
+    return client, parents, children

@@ -1,0 +1,90 @@
+"""What every strategy implements, and what it sees of the running search.
+
+A strategy proposes candidates; it never tracks, exports or counts trials itself. It asks the
+search context for a trial, turns its proposal (raw ratios, or a ready plan) into a trial with
+:meth:`SearchContext.run_trial`, and stops when :meth:`SearchContext.ask` returns ``None``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from ..budget import Budget
+from ..evaluate import TrialResult
+from ..plan import Plan
+from ..profile import ModelProfile
+
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = ["BaseStrategy", "SearchContext", "TrialOutcome", "PARETO_TARGET"]
+
+# Extra dimension of a Pareto search: the budget fraction each trial is projected onto.
+PARETO_TARGET = "_budget_fraction"
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """A finished trial: its number, the plan evaluated and what the evaluation measured."""
+
+    number: int
+    plan: Plan
+    result: TrialResult
+    raw_ratios: Mapping[str, float] | None = None
+
+
+class SearchContext(abc.ABC):
+    """The search as a strategy sees it.
+
+    Attributes:
+        profile: the dense model's groups and cost model.
+        budget: the budget every candidate is projected onto.
+        dimensions: search dimension name -> (low, high); group names map to ratio ranges. In a
+            Pareto search it also holds :data:`PARETO_TARGET`, the budget fraction of the trial.
+        bounds: ratio range of every group (non-searched groups are (0, 0)).
+        round_to: channel-count multiple.
+        seed: the search's seed (a worker's seed when several workers share the study).
+        baselines: the uniform and global plans at the budget.
+    """
+
+    profile: ModelProfile
+    budget: Budget
+    dimensions: dict[str, tuple[float, float]]
+    bounds: dict[str, tuple[float, float]]
+    round_to: int
+    seed: int
+    baselines: dict[str, Plan]
+
+    @property
+    @abc.abstractmethod
+    def study(self) -> optuna.Study:
+        """The Optuna study that stores the trials (Optuna strategies sample from it)."""
+
+    @abc.abstractmethod
+    def ask(self, fixed_params: Mapping[str, float] | None = None) -> optuna.Trial | None:
+        """A new trial, or ``None`` when the search has its trials or was asked to stop."""
+
+    @abc.abstractmethod
+    def run_trial(
+        self, trial: optuna.Trial, *, raw: Mapping[str, float] | None = None, plan: Plan | None = None
+    ) -> TrialOutcome | None:
+        """Project ``raw`` onto the budget (or take ``plan``), evaluate, record; None if it failed."""
+
+    @abc.abstractmethod
+    def project(self, raw: Mapping[str, float]) -> Plan:
+        """The plan ``raw`` maps to under the search's budget, bounds and rounding."""
+
+
+class BaseStrategy(abc.ABC):
+    """Proposes candidates until the context says the search is done."""
+
+    name: ClassVar[str]
+    #: False for strategies that run a single trial whatever the requested trial count
+    uses_trial_budget: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    def search(self, context: SearchContext) -> None:
+        """Run trials through ``context`` until :meth:`SearchContext.ask` returns ``None``."""

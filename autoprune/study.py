@@ -1,0 +1,235 @@
+"""The Optuna study that stores every trial of a search, whatever strategy proposes them.
+
+One study per search, in the workdir's SQLite file by default or any Optuna storage URL
+(PostgreSQL for many machines). The study is the source of truth for resuming: finished trials
+are kept, trials of dead workers are failed and their candidates retried, and a worker asks for a
+new trial only while fewer than the requested number are finished or running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .errors import StorageError, StudyError
+
+__all__ = [
+    "default_storage_url",
+    "open_storage",
+    "create_or_resume_study",
+    "load_study",
+    "TrialSlots",
+    "worker_id",
+    "reap_dead_local_trials",
+    "completed_trials",
+    "best_trial",
+    "ATTR_PLAN",
+    "ATTR_RESULT",
+    "ATTR_RAW",
+    "ATTR_BASELINE",
+    "ATTR_WORKER",
+    "ATTR_MLFLOW_RUN",
+]
+
+ATTR_PLAN = "plan"
+ATTR_RESULT = "result"
+ATTR_RAW = "raw_ratios"
+ATTR_BASELINE = "baseline"
+ATTR_WORKER = "worker"
+ATTR_MLFLOW_RUN = "mlflow_run_id"
+ATTR_RETRY_OF = "retry_of"
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+# Heartbeats and the retry callback are marked experimental, and Optuna warns that heartbeats are
+# meant for Study.optimize; autoprune drives ask/tell and refreshes heartbeats itself (search.py).
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+
+
+def default_storage_url(workdir: Path) -> str:
+    return f"sqlite:///{workdir / 'optuna.db'}"
+
+
+def worker_id() -> str:
+    """``host:pid`` of this process, recorded on each trial so a dead local worker is recognized."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def open_storage(url: str, *, heartbeat: bool = False, retry_failed: bool = True) -> optuna.storages.BaseStorage:
+    """An Optuna RDB storage for ``url``, with a clear error when it cannot be reached.
+
+    With ``heartbeat`` each running trial is refreshed every 10 s, and a trial whose worker has
+    been silent for 60 s is failed by the next worker that looks; with ``retry_failed`` its
+    candidate is enqueued again.
+    """
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:"):
+        # Several worker processes share one file; wait for the write lock instead of failing.
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    if heartbeat:
+        kwargs.update(heartbeat_interval=10, grace_period=60)
+        if retry_failed:
+            kwargs["heartbeat_stale_trial_callback"] = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+    try:
+        return optuna.storages.RDBStorage(url, **kwargs)
+    except Exception as exc:
+        raise StorageError(
+            f"Cannot open the Optuna storage {url!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}. "
+            "Check the URL (sqlite:///path/to/file.db or postgresql://user:pass@host/db), that the "
+            "server is up and reachable, and that the database exists."
+        ) from None
+
+
+def create_or_resume_study(
+    storage: optuna.storages.BaseStorage,
+    name: str,
+    *,
+    directions: list[str],
+    sampler: optuna.samplers.BaseSampler | None,
+    space_fingerprint: str,
+    settings: Mapping[str, Any],
+) -> tuple[optuna.Study, bool]:
+    """Create the study, or resume it when it exists and was made for the same search space.
+
+    Returns (study, resumed). A study of the same name made for another space is refused.
+    """
+    try:
+        existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    except Exception as exc:
+        raise StorageError(f"Cannot read studies from the storage: {str(exc).splitlines()[0][:300]}") from None
+    if name in existing:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        previous = study.user_attrs.get("space_fingerprint")
+        if previous is not None and previous != space_fingerprint:
+            old = study.user_attrs.get("settings", {})
+            raise StudyError(
+                f"Study {name!r} exists and was made for another search space (task "
+                f"{old.get('task')!r}, budget {old.get('budget')}, groups {old.get('groups')}, "
+                f"evaluation {old.get('evaluation')}, objective {old.get('objective')}). A resumed study must keep "
+                "its space; pick a new --study name to search this one."
+            )
+        if [d.name.lower() for d in study.directions] != directions:
+            raise StudyError(f"Study {name!r} has objective directions {study.directions}; this search needs {directions}.")
+        return study, True
+    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, directions=directions)
+    study.set_user_attr("space_fingerprint", space_fingerprint)
+    study.set_user_attr("settings", json.loads(json.dumps(settings, default=str)))
+    return study, False
+
+
+def load_study(name: str, storage_url: str) -> optuna.Study:
+    """Load an existing study for reading, naming the studies that exist when it does not."""
+    storage = open_storage(storage_url)
+    try:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    except Exception as exc:
+        raise StorageError(f"Cannot read studies from {storage_url!r}: {str(exc).splitlines()[0][:300]}") from None
+    if name not in names:
+        raise StudyError(
+            f"No study named {name!r} in {storage_url}; studies there: {', '.join(names) or 'none'}. "
+            "Pass the --study and --storage the search used."
+        )
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_dead_local_trials(study: optuna.Study, *, retry: bool = True) -> list[FrozenTrial]:
+    """Fail RUNNING trials whose worker process on this host is gone; re-enqueue their candidates.
+
+    A search killed with SIGKILL leaves its trial RUNNING; the next search on the same machine
+    finds it here instead of waiting for a heartbeat to expire. Strategies that replay their own
+    state (the RL agent) pass ``retry=False``.
+    """
+    host = socket.gethostname()
+    reaped = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = str(trial.user_attrs.get(ATTR_WORKER, ""))
+        worker_host, _, pid = worker.rpartition(":")
+        if worker_host != host or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        try:
+            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except Exception:
+            continue  # another process reaped it first
+        if retry:
+            retry_attrs = {k: v for k, v in trial.user_attrs.items() if k == ATTR_BASELINE}
+            study.enqueue_trial(trial.params, user_attrs={**retry_attrs, ATTR_RETRY_OF: trial.number})
+        reaped.append(trial)
+    return reaped
+
+
+class TrialSlots:
+    """Hands out trials so that exactly ``n_trials`` finish, however many workers share the study."""
+
+    _COUNTED = (TrialState.COMPLETE, TrialState.RUNNING)
+
+    def __init__(self, study: optuna.Study, n_trials: int) -> None:
+        self.study = study
+        self.n_trials = n_trials
+
+    def finished(self) -> int:
+        return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    def remaining(self) -> int:
+        return max(0, self.n_trials - len(self.study.get_trials(deepcopy=False, states=self._COUNTED)))
+
+    def ask(self, fixed_params: Mapping[str, Any] | None = None,
+            distributions: Mapping[str, optuna.distributions.BaseDistribution] | None = None) -> optuna.Trial | None:
+        """A new trial, or None when the study already has ``n_trials`` finished or running ones.
+
+        Workers can race between counting and asking; the trial is then checked against the
+        trials numbered before it, and given back (failed, never evaluated) if it is one too many.
+        """
+        if self.remaining() <= 0:
+            return None
+        if fixed_params is not None:
+            self.study.enqueue_trial(dict(fixed_params))
+        trial = self.study.ask(dict(distributions) if distributions else None)
+        trial.set_user_attr(ATTR_WORKER, worker_id())
+        before = [
+            t for t in self.study.get_trials(deepcopy=False, states=self._COUNTED) if t.number < trial.number
+        ]
+        if len(before) >= self.n_trials:
+            trial.set_user_attr("skipped", "the study already had its trials when this worker asked")
+            self.study.tell(trial, state=TrialState.FAIL)
+            return None
+        return trial
+
+
+def completed_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Finished trials that carry an evaluated plan, in trial-number order."""
+    return [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if ATTR_RESULT in t.user_attrs and ATTR_PLAN in t.user_attrs
+    ]
+
+
+def best_trial(study: optuna.Study, *, max_macs_ratio: float | None = None) -> FrozenTrial | None:
+    """The finished trial with the highest val_score (fewer MACs break ties).
+
+    With ``max_macs_ratio`` only trials at or below that MACs ratio count: how a Pareto search
+    picks the best plan for any budget.
+    """
+    candidates = completed_trials(study)
+    if max_macs_ratio is not None:
+        candidates = [t for t in candidates if t.user_attrs[ATTR_RESULT]["macs_ratio"] <= max_macs_ratio + 1e-12]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda t: (t.user_attrs[ATTR_RESULT]["val_score"], -t.user_attrs[ATTR_RESULT]["macs"]))

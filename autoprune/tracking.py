@@ -1,0 +1,183 @@
+"""MLflow tracking: one experiment per search space, a parent run per search, a child run per trial.
+
+The only module that imports MLflow. Runs are explicit (``MlflowClient``, never the fluent API's
+global active run), so several worker processes can log children of one parent run, and a
+trial that crashes ends its run FAILED rather than leaving it RUNNING.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import StorageError
+
+__all__ = ["Tracker", "default_tracking_uri", "TRACKING_PARAM_LIMIT"]
+
+TRACKING_PARAM_LIMIT = 100  # more groups than this are logged in plan.json only, not as params
+
+for _noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking", "mlflow.store"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
+
+
+def default_tracking_uri(workdir: Path) -> str:
+    """SQLite backend under the workdir; MLflow's file store is deprecated and not used."""
+    return f"sqlite:///{workdir / 'mlflow.db'}"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Tracker:
+    """Logs a search and its trials to an MLflow tracking store.
+
+    Args:
+        tracking_uri: ``sqlite:///...`` or ``http(s)://`` tracking server.
+        experiment: experiment name (the search space or task name).
+        artifact_root: where a new experiment's artifacts go for a local backend; ignored by servers.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, *, artifact_root: Path | None = None) -> None:
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        try:
+            found = self.client.get_experiment_by_name(experiment)
+            if found is None:
+                location = artifact_root.resolve().as_uri() if artifact_root and not tracking_uri.startswith("http") else None
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            else:
+                self.experiment_id = found.experiment_id
+        except Exception as exc:
+            raise StorageError(
+                f"Cannot reach the MLflow tracking store {tracking_uri!r}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:300]}. Use sqlite:///path/mlflow.db or the http:// address "
+                "of a running `mlflow server`."
+            ) from None
+        self.experiment = experiment
+
+    # -- runs ------------------------------------------------------------------------------
+
+    def start_search(self, name: str, settings: Mapping[str, Any], *, resume_run_id: str | None = None) -> str:
+        """Create the parent run of a search (or reopen it when resuming) and log its settings."""
+        from mlflow.entities import Param, RunStatus
+
+        if resume_run_id:
+            try:
+                run = self.client.get_run(resume_run_id)
+                if run.info.status != RunStatus.to_string(RunStatus.RUNNING):
+                    self.client.update_run(resume_run_id, status="RUNNING")
+                return resume_run_id
+            except Exception:
+                pass  # the tracking store was reset: start a new parent run
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={"autoprune.kind": "search"})
+        params = [Param(k, _param_value(v)) for k, v in _flatten(settings).items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(run.info.run_id, params=params[i : i + 100])
+        return run.info.run_id
+
+    def end_search(self, run_id: str, *, failed: bool = False) -> None:
+        self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+    def start_trial(self, parent_run_id: str, number: int, tags: Mapping[str, str] | None = None) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"trial-{number:04d}",
+            tags={"mlflow.parentRunId": parent_run_id, "autoprune.kind": "trial", "autoprune.trial": str(number),
+                  **(tags or {})},
+        )
+        return run.info.run_id
+
+    def finish_trial(
+        self,
+        run_id: str,
+        *,
+        ratios: Mapping[str, float],
+        metrics: Mapping[str, float | None],
+        plan_json: str,
+        raw_ratios: Mapping[str, float] | None = None,
+    ) -> None:
+        """Log a finished trial's ratios (params), metrics and plan, and end its run FINISHED."""
+        from mlflow.entities import Metric, Param
+
+        now = _now_ms()
+        params = [Param(f"ratio.{k}", f"{v:.6g}") for k, v in list(ratios.items())[:TRACKING_PARAM_LIMIT]]
+        if raw_ratios is not None:
+            params += [Param(f"raw.{k}", f"{v:.6g}") for k, v in list(raw_ratios.items())[:TRACKING_PARAM_LIMIT]]
+        values = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and math.isfinite(v)]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(run_id, params=params[i : i + 100], metrics=values if i == 0 else ())
+        if not params:
+            self.client.log_batch(run_id, metrics=values)
+        self.client.log_text(run_id, plan_json, "plan.json")
+        self.client.set_terminated(run_id, status="FINISHED")
+
+    def fail_trial(self, run_id: str, error: str) -> None:
+        self.client.set_tag(run_id, "autoprune.error", error[:5000])
+        self.client.set_terminated(run_id, status="FAILED")
+
+    def fail_running_trials(self, parent_run_id: str, trial_numbers: set[int]) -> int:
+        """End as FAILED the RUNNING child runs of the given trials (their workers died)."""
+        if not trial_numbers:
+            return 0
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'",
+            max_results=1000,
+        )
+        failed = 0
+        for run in runs:
+            if int(run.data.tags.get("autoprune.trial", -1)) in trial_numbers:
+                self.fail_trial(run.info.run_id, "the worker running this trial died (killed or crashed)")
+                failed += 1
+        return failed
+
+    # -- parent run ------------------------------------------------------------------------
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float | None], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        values = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(v)]
+        if values:
+            self.client.log_batch(run_id, metrics=values)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    def log_figure(self, run_id: str, figure: Any, name: str) -> None:
+        self.client.log_figure(run_id, figure, name)
+
+    def log_file(self, run_id: str, path: Path, artifact_dir: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_dir)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, v)
+
+    def child_runs(self, parent_run_id: str) -> list[Any]:
+        return list(
+            self.client.search_runs([self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                    max_results=5000)
+        )
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 500 else text[:497] + "..."
