@@ -34,6 +34,7 @@ from .profile import GroupInfo, ModelProfile, profile_model
 from .pruning import IMPORTANCE_NAMES, channel_scores, count_macs_params
 from .search import SearchResult, search
 from .space import SearchSpace, load_space
+from .strategies import rl as _rl  # noqa: F401  registers gymnasium's autoprune/Pruning-v0
 from .task import Task, builtin_task_names, load_task
 from .train import TrainRecipe
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from .profile import ModelProfile
 __all__ = [
     "Budget",
     "Bounds",
+    "LatencyModel",
     "DEFAULT_RATIO_RANGE",
     "resolve_bounds",
     "project",
@@ -34,58 +35,94 @@ __all__ = [
 
 DEFAULT_RATIO_RANGE: tuple[float, float] = (0.0, 0.8)
 Bounds = Mapping[str, tuple[float, float]]
-_METRICS = ("flops", "params")
+_METRICS = ("flops", "params", "latency_ms", "latency")
+
+
+class LatencyModel(Protocol):
+    """What budgets need of a latency predictor (see :class:`autoprune.latency.LatencyPredictor`)."""
+
+    dense_ms: float
+
+    def predict_kept(self, kept: np.ndarray) -> float: ...
 
 
 @dataclass(frozen=True)
 class Budget:
-    """A limit on the pruned model's MACs (``flops``) or parameter count (``params``).
+    """A limit on the pruned model's MACs, parameters or latency. Give exactly one:
 
-    A value in (0, 1) is a fraction of the dense model; a value >= 1 is an absolute count
-    (MACs for one input of the traced shape, or parameters). "flops" means multiply-accumulates
-    as Torch-Pruning counts them, the convention of AMC and most pruning papers.
+    - ``flops``: multiply-accumulates as Torch-Pruning counts them (the convention of AMC and
+      most pruning papers), as a fraction in (0, 1) of the dense model or an absolute count >= 1.
+    - ``params``: parameters, as a fraction or an absolute count.
+    - ``latency_ms``: measured milliseconds per batch on the target device (absolute).
+    - ``latency``: a fraction in (0, 1) of the dense model's measured latency.
     """
 
     flops: float | None = None
     params: float | None = None
+    latency_ms: float | None = None
+    latency: float | None = None
 
     def __post_init__(self) -> None:
         given = [(k, getattr(self, k)) for k in _METRICS if getattr(self, k) is not None]
         if len(given) != 1:
             raise BudgetError(
-                "A budget limits exactly one of flops= or params= (a fraction in (0, 1) of the dense "
-                f"model, or an absolute count >= 1); got {dict(given) or 'none'}."
+                "A budget limits exactly one of flops=, params= (a fraction in (0, 1) of the dense "
+                "model, or an absolute count >= 1), latency_ms= (milliseconds) or latency= (a fraction "
+                f"of the dense model's latency); got {dict(given) or 'none'}."
             )
         key, value = given[0]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise BudgetError(f"Budget {key}={value!r} is not allowed: use a fraction in (0, 1) or a count >= 1.")
+            raise BudgetError(f"Budget {key}={value!r} is not allowed: it must be a positive number.")
+        if key == "latency" and value >= 1:
+            raise BudgetError(f"Budget latency={value} must be a fraction in (0, 1); for milliseconds use latency_ms=.")
 
     @property
     def metric(self) -> str:
-        return "flops" if self.flops is not None else "params"
+        """``flops``, ``params``, ``latency_ms`` or ``latency``."""
+        return next(k for k in _METRICS if getattr(self, k) is not None)
 
     @property
     def value(self) -> float:
-        return float(self.flops if self.flops is not None else self.params)  # type: ignore[arg-type]
+        return float(getattr(self, self.metric))
+
+    @property
+    def is_latency(self) -> bool:
+        return self.metric in ("latency_ms", "latency")
 
     @property
     def is_fraction(self) -> bool:
-        return self.value < 1
+        return self.metric == "latency" or (self.metric in ("flops", "params") and self.value < 1)
 
-    def limit(self, profile: ModelProfile) -> float:
-        """The absolute limit (MACs or parameters) for this profile's dense model."""
-        dense = profile.macs if self.metric == "flops" else profile.params
+    def dense_value(self, profile: ModelProfile, latency: LatencyModel | None = None) -> float:
+        """The dense model's MACs, parameters or latency (ms), whichever this budget limits."""
+        if self.metric == "flops":
+            return profile.macs
+        if self.metric == "params":
+            return profile.params
+        if latency is None:
+            raise BudgetError(
+                f"Budget {self} limits latency, which needs a latency predictor measured on the target "
+                "device (autoprune.latency.build_predictor; in a search space, the latency: section)."
+            )
+        return latency.dense_ms
+
+    def limit(self, profile: ModelProfile, latency: LatencyModel | None = None) -> float:
+        """The absolute limit (MACs, parameters or ms) for this profile's dense model."""
+        dense = self.dense_value(profile, latency)
         return self.value * dense if self.is_fraction else self.value
 
-    def fraction(self, profile: ModelProfile) -> float:
-        dense = profile.macs if self.metric == "flops" else profile.params
-        return self.limit(profile) / dense
+    def fraction(self, profile: ModelProfile, latency: LatencyModel | None = None) -> float:
+        return self.limit(profile, latency) / self.dense_value(profile, latency)
 
     def to_dict(self) -> dict[str, float]:
         return {self.metric: self.value}
 
     def __str__(self) -> str:
         return f"{self.metric}={self.value:g}"
+
+    def metric_key(self) -> str:
+        """The plan/trial metric this budget limits: flops, params or latency_ms."""
+        return "latency_ms" if self.is_latency else self.metric
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Budget:
@@ -102,10 +139,10 @@ class Budget:
 
     @classmethod
     def parse(cls, text: str) -> Budget:
-        """Parse ``flops=0.5`` / ``params=120000`` as given on the command line."""
+        """Parse ``flops=0.5`` / ``params=120000`` / ``latency_ms=3`` as given on the command line."""
         key, sep, value = text.partition("=")
         if not sep:
-            raise BudgetError(f"--budget {text!r} must look like flops=0.5 or params=0.4.")
+            raise BudgetError(f"--budget {text!r} must look like flops=0.5, params=0.4, latency_ms=3.0 or latency=0.5.")
         return cls.from_dict({key.strip(): value.strip()})
 
 
@@ -132,7 +169,10 @@ def resolve_bounds(
 class _Grid:
     """Allowed kept-channel counts per group, and costs of kept vectors."""
 
-    def __init__(self, profile: ModelProfile, budget: Budget, bounds: Bounds | None, round_to: int) -> None:
+    def __init__(
+        self, profile: ModelProfile, budget: Budget, bounds: Bounds | None, round_to: int,
+        latency: LatencyModel | None = None,
+    ) -> None:
         if not isinstance(round_to, int) or round_to < 1:
             raise ConfigError(f"round_to must be a positive integer, got {round_to!r}.")
         self.profile = profile
@@ -156,9 +196,15 @@ class _Grid:
                     f"round_to={round_to} with a ratio in [{lo}, {hi}]; widen the ratio range or lower round_to."
                 )
             self.options.append(np.array(allowed))
-        self.limit = budget.limit(profile)
-        metric_cost = profile.cost.macs if budget.metric == "flops" else profile.cost.params
-        self._cost = lambda kept: metric_cost(self.dense - kept)
+        self.latency = latency
+        self.limit = budget.limit(profile, latency)
+        self.dense_value = budget.dense_value(profile, latency)
+        if budget.is_latency:
+            assert latency is not None  # dense_value refused a latency budget without a predictor
+            self._cost = latency.predict_kept
+        else:
+            metric_cost = profile.cost.macs if budget.metric == "flops" else profile.cost.params
+            self._cost = lambda kept: metric_cost(self.dense - kept)
 
     def cost(self, kept: np.ndarray) -> float:
         return self._cost(kept)
@@ -179,7 +225,7 @@ class _Grid:
         smallest, largest = self.extremes()
         low, high = self.cost(smallest), self.cost(largest)
         if low > self.limit * (1 + 1e-12):
-            dense = self.profile.macs if self.budget.metric == "flops" else self.profile.params
+            dense = self.dense_value
             raise InfeasibleBudgetError(
                 f"Budget {self.budget} ({self.limit:.4g} {self._unit()}) cannot be met: with the allowed "
                 f"ratio ranges the model reaches {self.budget.metric} between {low / dense:.4f} and "
@@ -188,7 +234,7 @@ class _Grid:
             )
 
     def _unit(self) -> str:
-        return "MACs" if self.budget.metric == "flops" else "parameters"
+        return {"flops": "MACs", "params": "parameters"}.get(self.budget.metric, "ms")
 
     def fill(self, kept: np.ndarray, target_ratios: np.ndarray) -> np.ndarray:
         """Give back channel steps to the most over-pruned groups while the budget still holds."""
@@ -252,22 +298,25 @@ class _Grid:
         return kept
 
     def plan(self, kept: np.ndarray, provenance: Mapping[str, Any]) -> Plan:
+        metrics = {"latency_ms": self.latency.predict_kept(kept)} if self.latency is not None else None
         return Plan.from_kept(
             self.profile,
             {n: int(k) for n, k in zip(self.names, kept)},
             budget=self.budget.to_dict(),
+            metrics=metrics,
             provenance=provenance,
         )
 
 
 def reachable_range(
-    profile: ModelProfile, metric: str = "flops", *, bounds: Bounds | None = None, round_to: int = 1
+    profile: ModelProfile, metric: str = "flops", *, bounds: Bounds | None = None, round_to: int = 1,
+    latency: LatencyModel | None = None,
 ) -> tuple[float, float]:
     """(lowest, highest) fraction of the dense model's ``metric`` that plans within ``bounds`` reach."""
-    grid = _Grid(profile, Budget(**{metric: 0.5}), bounds, round_to)
+    key = "latency" if metric in ("latency", "latency_ms") else metric
+    grid = _Grid(profile, Budget(**{key: 0.5}), bounds, round_to, latency)
     smallest, largest = grid.extremes()
-    dense = profile.macs if metric == "flops" else profile.params
-    return grid.cost(smallest) / dense, grid.cost(largest) / dense
+    return grid.cost(smallest) / grid.dense_value, grid.cost(largest) / grid.dense_value
 
 
 def project(
@@ -278,6 +327,7 @@ def project(
     bounds: Bounds | None = None,
     round_to: int = 1,
     provenance: Mapping[str, Any] | None = None,
+    latency: LatencyModel | None = None,
 ) -> Plan:
     """Map raw ratios (fraction removed per group, inside ``bounds``) onto a plan meeting ``budget``.
 
@@ -285,7 +335,7 @@ def project(
     never exceed the budget and are as close below it as the channel grid allows; the budget is
     refused before any work when even the largest allowed ratios cannot meet it.
     """
-    grid = _Grid(profile, budget, bounds, round_to)
+    grid = _Grid(profile, budget, bounds, round_to, latency)
     unknown = sorted(set(raw) - set(grid.names))
     if unknown:
         raise ConfigError(f"Raw ratios name unknown groups {', '.join(unknown)}; groups: {', '.join(grid.names)}.")
@@ -322,11 +372,12 @@ def _shift_project(grid: _Grid, r: np.ndarray, provenance: Mapping[str, Any]) ->
 
 
 def uniform_plan(
-    profile: ModelProfile, budget: Budget, *, bounds: Bounds | None = None, round_to: int = 1
+    profile: ModelProfile, budget: Budget, *, bounds: Bounds | None = None, round_to: int = 1,
+    latency: LatencyModel | None = None,
 ) -> Plan:
     """The same ratio for every group (clipped to each group's range, and as far as channel
     rounding allows), meeting ``budget``."""
-    grid = _Grid(profile, budget, bounds, round_to)
+    grid = _Grid(profile, budget, bounds, round_to, latency)
     return _shift_project(grid, np.zeros(len(grid.names)), {"strategy": "uniform"})
 
 
@@ -337,13 +388,14 @@ def global_plan(
     *,
     bounds: Bounds | None = None,
     round_to: int = 1,
+    latency: LatencyModel | None = None,
 ) -> Plan:
     """Torch-Pruning's global ranking: remove the least important channels model-wide.
 
     ``scores`` are the per-group channel importances normalized within each group (as
     :func:`autoprune.pruning.channel_scores` returns them), so one threshold ranks all groups.
     """
-    grid = _Grid(profile, budget, bounds, round_to)
+    grid = _Grid(profile, budget, bounds, round_to, latency)
     missing = [n for n in grid.names if n not in scores]
     if missing:
         raise ConfigError(f"global_plan needs channel scores for every group; missing: {', '.join(missing)}.")

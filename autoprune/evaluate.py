@@ -14,10 +14,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from . import pruning
+from .budget import LatencyModel
 from .errors import ConfigError, TaskError
 from .plan import Plan, check_plan_matches
 from .profile import ModelProfile, profile_model
@@ -37,7 +39,7 @@ class TrialResult:
         macs_ratio: ``macs`` over the dense model's.
         params: parameters of the pruned model; ``params_ratio`` over the dense model's.
         seconds: wall time of this evaluation (prune + recalibrate + fine-tune + score).
-        latency_ms: measured or predicted latency, when the search measures latency.
+        latency_ms: predicted latency in ms per batch (the search's latency settings), when it measures latency.
     """
 
     val_score: float
@@ -93,6 +95,7 @@ class Evaluator:
         importance: channel criterion (``l1``, ``l2``, ``taylor``, ``bn_scale``, ``random``).
         seed: fixes the calibration batches and any fine-tuning; evaluation is deterministic.
         profile: a profile of ``task`` computed earlier, to skip recomputing it.
+        latency: a latency predictor; each result then carries the plan's predicted ``latency_ms``.
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class Evaluator:
         importance: str | pruning.ChannelImportance = "l1",
         seed: int = 0,
         profile: ModelProfile | None = None,
+        latency: LatencyModel | None = None,
     ) -> None:
         if calibration_batches < 0 or finetune_steps < 0:
             raise ConfigError(
@@ -122,6 +126,7 @@ class Evaluator:
         self.finetune_lr = finetune_lr
         self.calibration_batches = calibration_batches
         self.profile = profile or profile_model(task)
+        self.latency = latency
         self.importance = pruning.make_importance(importance, seed=seed)
         generator = torch.Generator().manual_seed(seed)
         loader = torch.utils.data.DataLoader(
@@ -187,9 +192,13 @@ class Evaluator:
         model = self.build(plan)
         score = self._score(model)
         macs, params = self.profile.macs_of(plan.kept), self.profile.params_of(plan.kept)
+        latency_ms = None
+        if self.latency is not None:
+            kept = [plan.kept[g.name] for g in self.profile.groups]
+            latency_ms = self.latency.predict_kept(np.array(kept, dtype=np.float64))
         return TrialResult(
             val_score=score, macs=macs, macs_ratio=macs / self.profile.macs, params=params,
-            params_ratio=params / self.profile.params, seconds=time.perf_counter() - start,
+            params_ratio=params / self.profile.params, seconds=time.perf_counter() - start, latency_ms=latency_ms,
         )
 
     def describe(self) -> Mapping[str, Any]:

@@ -11,20 +11,26 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from . import pruning
+from .latency import LatencySettings, measure_latency
 from ._workdir import resolve_workdir
 from .errors import CheckpointError, ConfigError, PlanError, StudyError
 from .plan import Plan, check_plan_matches
 from .task import Task
 
-__all__ = ["PRUNED_FORMAT", "save_pruned", "load_pruned", "export_study", "ExportReport", "prune_and_finetune"]
+__all__ = [
+    "PRUNED_FORMAT", "save_pruned", "load_pruned", "export_study", "ExportReport", "prune_and_finetune",
+    "write_deployables", "onnx_runtime_latency",
+]
 
 PRUNED_FORMAT = "autoprune.pruned/1"
 
@@ -144,6 +150,78 @@ def prune_and_finetune(
     return model.eval()
 
 
+def write_deployables(
+    model: nn.Module, example_input: torch.Tensor, out_dir: Path, *, batch_size: int = 8, atol: float = 1e-4
+) -> dict[str, Any]:
+    """Write ``model.pt2`` (torch.export) and ``model.onnx``, checking each against PyTorch.
+
+    Both are run on one random batch of ``batch_size`` and their outputs compared with the
+    PyTorch model's (max absolute difference <= ``atol``). ONNX needs the ``onnx`` extra
+    (onnx, onnxscript); its check and ONNX Runtime latency need onnxruntime. What could not be
+    written is reported with the reason instead of failing the export.
+    """
+    model = model.eval()
+    torch.manual_seed(0)
+    batch = torch.randn(batch_size, *example_input.shape[1:])
+    with torch.no_grad():
+        expected = model(batch)
+    formats: dict[str, Any] = {}
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=65536)},)  # any batch size at deployment
+    try:
+        program = torch.export.export(model, (batch,), dynamic_shapes=dynamic)
+        torch.export.save(program, out_dir / "model.pt2")
+        loaded = torch.export.load(out_dir / "model.pt2").module()
+        with torch.no_grad():
+            diff = float((loaded(batch) - expected).abs().max())
+        formats["torch_export"] = {"file": "model.pt2", "max_abs_diff": diff, "matches": diff <= atol}
+    except Exception as exc:  # an exotic user model torch.export cannot trace
+        formats["torch_export"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+    try:
+        import onnx  # noqa: F401  (torch.onnx needs it)
+
+        torch.onnx.export(model, (batch,), str(out_dir / "model.onnx"), input_names=["input"],
+                          output_names=["output"], dynamo=True, verbose=False, dynamic_shapes=dynamic)
+        formats["onnx"] = {"file": "model.onnx"}
+    except ImportError:
+        formats["onnx"] = {"error": "onnx is not installed (pip install 'autoprune[onnx]')"}
+    except Exception as exc:
+        formats["onnx"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+    if "file" in formats["onnx"]:
+        try:
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(str(out_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+            name = session.get_inputs()[0].name
+            got = session.run(None, {name: batch.numpy()})[0]
+            diff = float(np.abs(got - expected.numpy()).max())
+            formats["onnx"].update(max_abs_diff=diff, matches=diff <= atol)
+        except ImportError:
+            formats["onnx"]["check"] = "onnxruntime is not installed; outputs not compared"
+    return formats
+
+
+def onnx_runtime_latency(path: Path, example_input: torch.Tensor, settings: LatencySettings) -> float | None:
+    """Median ms per batch of an ONNX model under ONNX Runtime (CPU), or None without onnxruntime."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    x = example_input.expand(settings.batch_size, *example_input.shape[1:]).contiguous().numpy()
+    for _ in range(settings.warmup):
+        session.run(None, {name: x})
+    times = []
+    for _ in range(settings.repeats):
+        start = time.perf_counter()
+        session.run(None, {name: x})
+        times.append((time.perf_counter() - start) * 1000)
+    return float(np.median(times))
+
+
 def export_study(
     study_name: str,
     out: str | os.PathLike[str],
@@ -168,7 +246,7 @@ def export_study(
     from .budget import Budget, uniform_plan
     from .profile import profile_model
     from .pruning import count_macs_params
-    from .search import SearchSettings
+    from .search import SearchSettings, latency_settings
     from .study import ATTR_MLFLOW_RUN, ATTR_PLAN, ATTR_RESULT, best_trial, default_storage_url, load_study
     from .task import load_task
     from .train import score_model
@@ -224,6 +302,16 @@ def export_study(
                     "score": score_model(uniform_model, test_loader, task.score_fn)},
     }
     data["pruned"]["score_minus_uniform"] = data["pruned"]["score"] - data["uniform"]["score"]
+    settings = latency_settings(space)
+    dense_latency = measure_latency(task.model, x, settings)
+    pruned_latency = measure_latency(model, x, settings)
+    data["latency"] = {
+        "settings": settings.to_dict(),
+        "dense_ms": dense_latency.median_ms, "dense_spread_ms": dense_latency.spread_ms,
+        "pruned_ms": pruned_latency.median_ms, "pruned_spread_ms": pruned_latency.spread_ms,
+        "speedup": dense_latency.median_ms / pruned_latency.median_ms,
+        "macs_reduction": dense_macs / macs,
+    }
     plan = plan.with_metrics(**{f"{split}_score_finetuned": data["pruned"]["score"]})
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -231,6 +319,11 @@ def export_study(
     try:
         plan.save(tmp / "plan.json")
         save_pruned(model, plan, tmp / "model.pt")
+        data["formats"] = write_deployables(model, x, tmp)
+        if "file" in data["formats"]["onnx"]:
+            ort_ms = onnx_runtime_latency(tmp / "model.onnx", x, settings)
+            if ort_ms is not None:
+                data["latency"]["onnxruntime_ms"] = ort_ms
         (tmp / "report.json").write_text(json.dumps(data, indent=2) + "\n")
         (tmp / "report.md").write_text(_report_markdown(data))
         if out_dir.exists():
@@ -247,11 +340,14 @@ def export_study(
 
         tracker = Tracker(uri, study.user_attrs.get("experiment", space.display_name),
                           artifact_root=home / "mlartifacts")
-        for name in ("report.md", "report.json", "plan.json", "model.pt"):
-            tracker.log_file(run_id, out_dir / name, "export")
+        for path in sorted(out_dir.iterdir()):
+            tracker.log_file(run_id, path, "export")
         tracker.log_metrics(run_id, {f"export_{split}_score_best": data["pruned"]["score"],
                                      f"export_{split}_score_uniform": data["uniform"]["score"],
-                                     f"export_{split}_score_dense": data["dense"]["score"]})
+                                     f"export_{split}_score_dense": data["dense"]["score"],
+                                     "export_latency_ms_dense": data["latency"]["dense_ms"],
+                                     "export_latency_ms_pruned": data["latency"]["pruned_ms"],
+                                     "export_speedup": data["latency"]["speedup"]})
     return ExportReport(out_dir=out_dir, plan=plan, trial=best.number, data=data)
 
 
@@ -274,4 +370,26 @@ def _report_markdown(d: dict[str, Any]) -> str:
     lines += [f"| {n} | {m:,.0f} | {r:.3f} | {p:,.0f} | {s:.4f} |" for n, m, r, p, s in rows]
     diff = d["pruned"]["score_minus_uniform"]
     lines += ["", f"Searched minus uniform: {diff:+.4f} ({'better' if diff > 0 else 'not better'} than the uniform baseline).", ""]
+    lat = d.get("latency")
+    if lat:
+        s = lat["settings"]
+        lines += [
+            f"## Latency ({s['device']}, batch {s['batch_size']}, {s['threads']} thread(s), median of {s['repeats']})",
+            "",
+            "| model | ms per batch | spread (p90-p10) |",
+            "|---|---:|---:|",
+            f"| dense | {lat['dense_ms']:.3f} | {lat['dense_spread_ms']:.3f} |",
+            f"| pruned | {lat['pruned_ms']:.3f} | {lat['pruned_spread_ms']:.3f} |",
+        ]
+        if "onnxruntime_ms" in lat:
+            lines.append(f"| pruned, ONNX Runtime | {lat['onnxruntime_ms']:.3f} | |")
+        lines += ["", f"Measured speedup {lat['speedup']:.2f}x for a {lat['macs_reduction']:.2f}x MACs reduction.", ""]
+    formats = d.get("formats") or {}
+    for name, info in formats.items():
+        if "file" in info:
+            check = f"outputs match PyTorch (max abs diff {info['max_abs_diff']:.1e})" if "max_abs_diff" in info else info.get("check", "")
+            lines.append(f"- {info['file']} ({name}): {check}")
+        else:
+            lines.append(f"- {name}: not written ({info['error']})")
+    lines.append("")
     return "\n".join(lines)

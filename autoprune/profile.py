@@ -83,6 +83,7 @@ class CostModel:
     mac_owner: np.ndarray  # (T,) group index or -1
     mac_residual: float  # counted MACs of layer kinds the model does not scale (kept constant)
     param_num: np.ndarray  # (P, _FACTORS) int
+    keys: tuple[tuple[Any, ...], ...] = ()  # what each quantity is: ("call", i, "in.1"), ("param", name, dim)
 
     def quantities(self, removed: np.ndarray) -> np.ndarray:
         return self.base - self.slopes @ removed
@@ -299,6 +300,7 @@ def profile_model(
         mac_owner=np.array([owner_group[t[3]] for t in mac_terms], dtype=np.int64),
         mac_residual=0.0,
         param_num=np.array(param_num, dtype=np.int64).reshape(-1, _FACTORS),
+        keys=tuple(quantities.keys),
     )
     modeled = cost.macs(np.zeros(len(raw_groups)))
     # Layers the counter counts but the model does not scale (RNNs, attention) stay constant.

@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import torch
 from optuna.trial import TrialState
+from rich.console import Console
 
 from . import plots
 from ._progress import progress_bar
@@ -33,10 +35,13 @@ from .errors import AutopruneError, ConfigError
 from .evaluate import Evaluator, TrialResult
 from .plan import Plan
 from .profile import ModelProfile, profile_model
-from .space import SearchSpace, load_space
+from .latency import LatencyPredictor, LatencySettings, build_predictor, measure_latency, save_predictor, with_check
+from .space import LatencySpec, SearchSpace, load_space
 from .strategies import PARETO_TARGET, SearchContext, TrialOutcome, make_sampler, make_strategy
 from .study import (
     ATTR_BASELINE,
+    ATTR_LATENCY_VERIFIED,
+    ATTR_MEASURED_LATENCY,
     ATTR_MLFLOW_RUN,
     ATTR_PLAN,
     ATTR_RAW,
@@ -55,6 +60,7 @@ from .tracking import Tracker, default_tracking_uri
 __all__ = ["search", "SearchResult", "SearchSettings", "resolve_settings"]
 
 _MAX_CONSECUTIVE_FAILURES = 3
+_console = Console(stderr=True)
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,7 @@ class SearchResult:
     stopped_early: bool = False
     failed_trials: int = 0
     settings: Mapping[str, Any] = field(default_factory=dict)
+    measured_latency_ms: Mapping[int, float] = field(default_factory=dict)
 
 
 def resolve_settings(
@@ -245,6 +252,7 @@ class _Session(SearchContext):
         self.seed = seed
         self.baselines = baselines
         self.evaluator = evaluator
+        self.latency = evaluator.latency
         self.tracker = tracker
         self.parent_run_id = parent_run_id
         self._study = study
@@ -254,9 +262,10 @@ class _Session(SearchContext):
         self._pareto = space.strategy.objective == "pareto"
         self.dimensions = {n: b for n, b in self.bounds.items() if b[1] > b[0]}
         if self._pareto:
-            fraction = self.budget.fraction(profile)
-            self.dimensions[PARETO_TARGET] = (_lowest_reachable(profile, self.budget, self.bounds, self.round_to), fraction)
-        self.failures = 0
+            fraction = self.budget.fraction(profile, self.latency)
+            low, _ = reachable_range(profile, self.budget.metric, bounds=self.bounds, round_to=self.round_to,
+                                     latency=self.latency)
+            self.dimensions[PARETO_TARGET] = (min(fraction, low * 1.001), fraction)
         self._consecutive_failures = 0
 
     @property
@@ -268,10 +277,27 @@ class _Session(SearchContext):
             return None
         if getattr(self._study._storage, "heartbeat_interval", None):
             optuna.storages.fail_stale_trials(self._study)
-        return self._slots.ask(fixed_params)
+        if fixed_params is None:
+            return self._slots.ask()
+        values = {n: min(max(float(fixed_params[n]), lo), hi) for n, (lo, hi) in self.dimensions.items()}
+        trial = self._slots.ask(values)
+        if trial is not None:
+            for name, (lo, hi) in self.dimensions.items():
+                trial.suggest_float(name, lo, hi)  # returns the enqueued value; stores it as the trial's param
+        return trial
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self.tracker.log_metrics(self.parent_run_id, metrics, step=step)
+
+    @property
+    def state_dir(self) -> Path:
+        path = self.settings.workdir / "strategy-state" / self.settings.study_name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     def project(self, raw: Mapping[str, float], budget: Budget | None = None) -> Plan:
-        return project(self.profile, raw, budget or self.budget, bounds=self.bounds, round_to=self.round_to)
+        return project(self.profile, raw, budget or self.budget, bounds=self.bounds, round_to=self.round_to,
+                       latency=self.latency)
 
     def _plan_for(self, trial: optuna.Trial, raw: Mapping[str, float] | None, plan: Plan | None) -> Plan:
         baseline = trial.user_attrs.get(ATTR_BASELINE)
@@ -284,7 +310,7 @@ class _Session(SearchContext):
         ratios = {k: v for k, v in raw.items() if k != PARETO_TARGET}
         budget = self.budget
         if PARETO_TARGET in raw:
-            budget = Budget(**{self.budget.metric: raw[PARETO_TARGET] * (self.profile.macs if self.budget.metric == "flops" else self.profile.params)})
+            budget = Budget(**{"latency" if budget.is_latency else budget.metric: raw[PARETO_TARGET]})
         return self.project(ratios, budget)
 
     def run_trial(
@@ -333,7 +359,6 @@ class _Session(SearchContext):
         return outcome
 
     def _fail(self, trial: optuna.Trial, run_id: str, exc: BaseException) -> None:
-        self.failures += 1
         message = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         try:
             self.tracker.fail_trial(run_id, message)
@@ -355,11 +380,6 @@ def _counts_trials(space: SearchSpace) -> bool:
     return space.strategy.name not in ("uniform", "global")
 
 
-def _lowest_reachable(profile: ModelProfile, budget: Budget, bounds: Mapping[str, tuple[float, float]], round_to: int) -> float:
-    low, _ = reachable_range(profile, budget.metric, bounds=bounds, round_to=round_to)
-    return min(budget.fraction(profile), low * 1.001)
-
-
 def _versions() -> dict[str, str]:
     from importlib.metadata import version
 
@@ -378,6 +398,7 @@ class _Prepared:
     profile: ModelProfile
     evaluator: Evaluator
     baselines: dict[str, Plan]
+    latency: LatencyPredictor | None = None
 
 
 def _prepare(settings: SearchSettings) -> _Prepared:
@@ -387,14 +408,40 @@ def _prepare(settings: SearchSettings) -> _Prepared:
     profile = profile_model(task)
     bounds = space.groups.bounds(profile, source=f"search space {space.display_name!r}")
     budget = space.budget_obj
-    uniform = uniform_plan(profile, budget, bounds=bounds, round_to=space.groups.round_to)  # refuses infeasible budgets
+    latency = _latency_predictor(settings, task, profile, bounds) if space.measures_latency else None
+    # uniform_plan refuses an infeasible budget, before any search work.
+    uniform = uniform_plan(profile, budget, bounds=bounds, round_to=space.groups.round_to, latency=latency)
     ev = space.evaluation
     evaluator = Evaluator(
         task, calibration_batches=ev.calibration_batches, val_samples=ev.val_samples,
         finetune_steps=ev.finetune_steps, importance=ev.importance, seed=space.strategy.seed, profile=profile,
+        latency=latency,
     )
-    glob = global_plan(profile, budget, evaluator.scores, bounds=bounds, round_to=space.groups.round_to)
-    return _Prepared(task, profile, evaluator, {"uniform": uniform, "global": glob})
+    glob = global_plan(profile, budget, evaluator.scores, bounds=bounds, round_to=space.groups.round_to,
+                       latency=latency)
+    return _Prepared(task, profile, evaluator, {"uniform": uniform, "global": glob}, latency)
+
+
+def latency_settings(space: SearchSpace) -> LatencySettings:
+    spec = space.latency or LatencySpec()
+    return LatencySettings(batch_size=spec.batch_size, threads=spec.threads, repeats=spec.repeats, device=spec.device)
+
+
+def _latency_predictor(settings: SearchSettings, task: Task, profile: ModelProfile,
+                       bounds: Mapping[str, tuple[float, float]]) -> LatencyPredictor:
+    """The per-layer latency table of the task's model (cached under the workdir), with its
+    prediction error measured on a few plans spread over the reachable MACs range."""
+    predictor = build_predictor(task.model, task.example_input, profile, latency_settings(settings.space),
+                                cache_dir=settings.workdir / "latency")
+    if predictor.check is None:
+        rng = np.random.default_rng(0)
+        plans = [project(profile, {n: float(rng.uniform(lo, hi)) for n, (lo, hi) in bounds.items()},
+                         Budget(flops=f), bounds=bounds, round_to=settings.space.groups.round_to).kept
+                 for f in (0.8, 0.65, 0.5, 0.35, 0.25)
+                 if f >= reachable_range(profile, bounds=bounds, round_to=settings.space.groups.round_to)[0]]
+        predictor = with_check(predictor, task.model, task.example_input, plans)
+        save_predictor(predictor, settings.workdir / "latency", profile)
+    return predictor
 
 
 def _open_study(settings: SearchSettings, seed: int) -> tuple[optuna.Study, bool]:
@@ -469,6 +516,7 @@ def search(
             resume_run_id=study.user_attrs.get(ATTR_MLFLOW_RUN),
         )
         study.set_user_attr(ATTR_MLFLOW_RUN, parent_run_id)
+        study.set_user_attr(ATTR_LATENCY_VERIFIED, None)  # re-verified when this run finishes
         study.set_user_attr("tracking_uri", settings.tracking_uri)
         study.set_user_attr("experiment", space_.display_name)
         reaped = reap_dead_local_trials(study, retry=space_.strategy.name != "rl")
@@ -594,6 +642,8 @@ def _finish(settings: SearchSettings, study: optuna.Study, tracker: Tracker, par
         points = _trial_points(study)
         baselines = _baseline_scores(study, prepared) if not failed else {}
         tracker.log_metrics(parent_run_id, {f"{k}_val_score": v[1] for k, v in baselines.items()})
+        if not failed and prepared.latency is not None:
+            _verify_latency(settings, study, tracker, parent_run_id, prepared)
         best = best_trial(study)
         title = f"{settings.space.display_name} ({settings.strategy_label}, budget {settings.space.budget_obj})"
         if best is not None:
@@ -606,9 +656,11 @@ def _finish(settings: SearchSettings, study: optuna.Study, tracker: Tracker, par
             fig = plots.plan_ratios(plan.ratios, title=f"best plan: trial {best.number}, val {res['val_score']:.4f}")
             tracker.log_figure(parent_run_id, fig, "plots/best_plan_ratios.png")
             plots.close(fig)
+        budget = settings.space.budget_obj
         if points:
             fig = plots.score_vs_macs([(m, s) for m, s, _ in points], baselines=baselines,
-                                      budget_fraction=settings.space.budget_obj.fraction(prepared.profile), title=title)
+                                      budget_fraction=budget.value if budget.metric == "flops" and budget.is_fraction
+                                      else None, title=title)
             tracker.log_figure(parent_run_id, fig, "plots/score_vs_macs.png")
             plots.close(fig)
             fig = plots.history([n for *_, n in points], [s for _, s, _ in points], title=title)
@@ -616,6 +668,50 @@ def _finish(settings: SearchSettings, study: optuna.Study, tracker: Tracker, par
             plots.close(fig)
     finally:
         tracker.end_search(parent_run_id, failed=failed)
+
+
+def _verify_latency(settings: SearchSettings, study: optuna.Study, tracker: Tracker, parent_run_id: str,
+                    prepared: _Prepared) -> None:
+    """Measure the best plans' real latency; the best plan must meet a latency budget as measured.
+
+    Trials are ranked by validation score; the first whose measured latency is within the budget
+    (plus the stated tolerance for timing noise) becomes the search's best. Where prediction and
+    measurement disagree by more than the tolerance the search says so.
+    """
+    predictor = prepared.latency
+    assert predictor is not None
+    budget = settings.space.budget_obj
+    tolerance = (settings.space.latency or LatencySpec()).tolerance
+    limit = budget.limit(prepared.profile, predictor) if budget.is_latency else None
+    measured: dict[str, float] = dict(study.user_attrs.get(ATTR_MEASURED_LATENCY, {}))
+    ranked = sorted(completed_trials(study), key=lambda t: (-t.user_attrs[ATTR_RESULT]["val_score"],
+                                                             t.user_attrs[ATTR_RESULT]["macs"]))
+    chosen = None
+    for trial in ranked[:10]:
+        key = str(trial.number)
+        if key not in measured:
+            model = prepared.evaluator.build(Plan.from_dict(trial.user_attrs[ATTR_PLAN]))
+            measured[key] = measure_latency(model, prepared.task.example_input, predictor.settings).median_ms
+        predicted = trial.user_attrs[ATTR_RESULT]["latency_ms"]
+        error = abs(predicted - measured[key]) / measured[key]
+        if error > tolerance:
+            _console.print(f"[yellow]latency of trial {trial.number}: predicted {predicted:.3f} ms, measured "
+                           f"{measured[key]:.3f} ms ({error:.0%} apart, tolerance {tolerance:.0%})[/yellow]")
+        if limit is None or measured[key] <= limit * (1 + tolerance):
+            chosen = trial
+            break
+    study.set_user_attr(ATTR_MEASURED_LATENCY, measured)
+    if chosen is None:
+        _console.print(f"[red]none of the {min(len(ranked), 10)} best trials measures within the latency budget "
+                       f"{budget} ({limit:.3f} ms + {tolerance:.0%}); the predictor underestimates this device[/red]")
+        return
+    study.set_user_attr(ATTR_LATENCY_VERIFIED, chosen.number)
+    predicted = chosen.user_attrs[ATTR_RESULT]["latency_ms"]
+    tracker.log_metrics(parent_run_id, {
+        "best_latency_ms_measured": measured[str(chosen.number)], "best_latency_ms_predicted": predicted,
+        "dense_latency_ms": predictor.dense_ms, "latency_limit_ms": limit,
+        "latency_predictor_median_error": predictor.check.median_abs_error if predictor.check else None,
+    })
 
 
 def _result(settings: SearchSettings, study: optuna.Study, parent_run_id: str, dense_score: float,
@@ -639,4 +735,5 @@ def _result(settings: SearchSettings, study: optuna.Study, parent_run_id: str, d
         pareto=tuple((Plan.from_dict(t.user_attrs[ATTR_PLAN]), TrialResult(**t.user_attrs[ATTR_RESULT])) for t in front),
         baselines=baselines, dense_score=dense_score, workdir=settings.workdir, stopped_early=stopped,
         failed_trials=len(failures), settings=settings.to_dict(),
+        measured_latency_ms={int(k): v for k, v in study.user_attrs.get(ATTR_MEASURED_LATENCY, {}).items()},
     )

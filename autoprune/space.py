@@ -29,6 +29,7 @@ __all__ = [
     "EvaluationSettings",
     "StrategySettings",
     "RLSettings",
+    "LatencySpec",
     "load_space",
     "find_space",
     "STRATEGIES",
@@ -116,6 +117,16 @@ class RLSettings(_Strict):
     reward: Literal["error", "flops"] = "error"
 
 
+class LatencySpec(_Strict):
+    """How latency is measured on the target device (see :class:`autoprune.latency.LatencySettings`)."""
+
+    batch_size: int = Field(default=1, ge=1)
+    threads: int = Field(default=1, ge=1)
+    repeats: int = Field(default=30, ge=1)
+    device: Literal["cpu", "cuda"] = "cpu"
+    tolerance: float = Field(default=0.05, ge=0, lt=1)
+
+
 class StrategySettings(_Strict):
     name: Literal["optuna", "rl", "random", "uniform", "global"] = "optuna"
     sampler: Literal["tpe", "gp", "cmaes", "random", "qmc", "nsga2"] = "tpe"
@@ -133,6 +144,7 @@ class SearchSpace(_Strict):
     groups: GroupSelection = Field(default_factory=GroupSelection)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     strategy: StrategySettings = Field(default_factory=StrategySettings)
+    latency: LatencySpec | None = None
     name: str | None = None
 
     @model_validator(mode="after")
@@ -148,6 +160,11 @@ class SearchSpace(_Strict):
         return Budget.from_dict(self.budget)
 
     @property
+    def measures_latency(self) -> bool:
+        """Whether trials are timed: a latency budget, or a ``latency:`` section."""
+        return self.latency is not None or self.budget_obj.is_latency
+
+    @property
     def display_name(self) -> str:
         return self.name or self.task
 
@@ -155,7 +172,8 @@ class SearchSpace(_Strict):
         """sha256 of what defines the search's dimensions and objective (not its trial count or seed)."""
         defining = {"task": self.task, "budget": self.budget, "groups": self.groups.model_dump(mode="json"),
                     "evaluation": self.evaluation.model_dump(mode="json"),
-                    "objective": self.strategy.objective}
+                    "objective": self.strategy.objective,
+                    "latency": self.latency.model_dump(mode="json") if self.latency else None}
         return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
 
     def with_overrides(self, **overrides: Any) -> SearchSpace:

@@ -37,6 +37,8 @@ __all__ = [
     "ATTR_BASELINE",
     "ATTR_WORKER",
     "ATTR_MLFLOW_RUN",
+    "ATTR_MEASURED_LATENCY",
+    "ATTR_LATENCY_VERIFIED",
 ]
 
 ATTR_PLAN = "plan"
@@ -46,6 +48,8 @@ ATTR_BASELINE = "baseline"
 ATTR_WORKER = "worker"
 ATTR_MLFLOW_RUN = "mlflow_run_id"
 ATTR_RETRY_OF = "retry_of"
+ATTR_MEASURED_LATENCY = "measured_latency_ms"  # study attr: trial number -> measured ms
+ATTR_LATENCY_VERIFIED = "latency_verified_trial"  # study attr: best trial that measures within a latency budget
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # Heartbeats and the retry callback are marked experimental, and Optuna warns that heartbeats are
@@ -224,10 +228,14 @@ def completed_trials(study: optuna.Study) -> list[FrozenTrial]:
 def best_trial(study: optuna.Study, *, max_macs_ratio: float | None = None) -> FrozenTrial | None:
     """The finished trial with the highest val_score (fewer MACs break ties).
 
-    With ``max_macs_ratio`` only trials at or below that MACs ratio count: how a Pareto search
+    After a latency search verified its best plan by measurement, that trial. With ``max_macs_ratio`` only trials at or below that MACs ratio count: how a Pareto search
     picks the best plan for any budget.
     """
     candidates = completed_trials(study)
+    verified = study.user_attrs.get(ATTR_LATENCY_VERIFIED)
+    if max_macs_ratio is None and verified is not None:
+        # A latency search's best is the best trial whose *measured* latency meets the budget.
+        return next((t for t in candidates if t.number == verified), None)
     if max_macs_ratio is not None:
         candidates = [t for t in candidates if t.user_attrs[ATTR_RESULT]["macs_ratio"] <= max_macs_ratio + 1e-12]
     if not candidates:

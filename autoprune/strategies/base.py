@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from ..budget import Budget
@@ -65,7 +66,12 @@ class SearchContext(abc.ABC):
 
     @abc.abstractmethod
     def ask(self, fixed_params: Mapping[str, float] | None = None) -> optuna.Trial | None:
-        """A new trial, or ``None`` when the search has its trials or was asked to stop."""
+        """A new trial, or ``None`` when the search has its trials or was asked to stop.
+
+        With ``fixed_params`` (values for every name in :attr:`dimensions`) the trial records
+        those values as its parameters instead of sampling them: how a strategy with its own
+        proposal mechanism (the RL agent) stores what it chose.
+        """
 
     @abc.abstractmethod
     def run_trial(
@@ -76,6 +82,15 @@ class SearchContext(abc.ABC):
     @abc.abstractmethod
     def project(self, raw: Mapping[str, float]) -> Plan:
         """The plan ``raw`` maps to under the search's budget, bounds and rounding."""
+
+    @abc.abstractmethod
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Record strategy-level metrics (e.g. an agent's losses) on the search's parent run."""
+
+    @property
+    @abc.abstractmethod
+    def state_dir(self) -> Path:
+        """A directory private to this study where a strategy keeps state to resume from."""
 
 
 class BaseStrategy(abc.ABC):
