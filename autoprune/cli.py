@@ -159,6 +159,8 @@ def search(
         threads=threads, workdir=workdir, data_root=data_root,
     )
     _print_search_result(result)
+    if result.stopped_early:
+        raise typer.Exit(130)
 
 
 def _print_search_result(result) -> None:  # noqa: ANN001 - SearchResult
@@ -181,7 +183,8 @@ def _print_search_result(result) -> None:  # noqa: ANN001 - SearchResult
                   "browse with `autoprune ui`")
     console.print(f"export: autoprune export --study {result.study_name} --out exported/")
     if result.stopped_early:
-        console.print(f"[yellow]stopped early; resume with the same command (--study {result.study_name})[/yellow]")
+        console.print(f"[yellow]stopped after the current trial ({result.n_finished} finished); resume by running "
+                      f"the same command again (it continues study {result.study_name})[/yellow]")
 
 
 @app.command()
@@ -261,26 +264,31 @@ def _stop_process_group(proc) -> None:  # noqa: ANN001 - subprocess.Popen
             continue
 
 
-def main() -> None:
-    """Console entry point: user mistakes exit 2 with one message, no traceback."""
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` and return the exit status; user mistakes give 2 and one message."""
     import click
 
     command = typer.main.get_command(app)
     try:
-        code = command.main(standalone_mode=False)
+        code = command.main(args=argv, prog_name="autoprune", standalone_mode=False)
     except AutopruneError as exc:
         err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        return 2
     except click.exceptions.Abort:
         err_console.print("aborted")
-        sys.exit(130)
+        return 130
     except click.exceptions.ClickException as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except KeyboardInterrupt:
         err_console.print("interrupted")
-        sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
+        return 130
+    return code if isinstance(code, int) else 0
+
+
+def main() -> None:
+    """Console entry point."""
+    sys.exit(run())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,7 +31,7 @@ from . import plots
 from ._progress import progress_bar
 from ._workdir import resolve_workdir
 from .budget import Budget, global_plan, project, reachable_range, uniform_plan
-from .errors import AutopruneError, ConfigError
+from .errors import AutopruneError, ConfigError, StorageError
 from .evaluate import Evaluator, TrialResult
 from .plan import Plan
 from .profile import ModelProfile, profile_model
@@ -53,9 +53,10 @@ from .study import (
     default_storage_url,
     open_storage,
     reap_dead_local_trials,
+    redact,
 )
 from .task import Task, load_task
-from .tracking import Tracker, default_tracking_uri
+from .tracking import Tracker, check_server, default_tracking_uri
 
 __all__ = ["search", "SearchResult", "SearchSettings", "resolve_settings"]
 
@@ -196,18 +197,26 @@ class _Stop:
             signal.signal(signal.SIGINT, previous)
 
 
+def _heartbeat_interval(study: optuna.Study) -> float | None:
+    """Seconds between heartbeats, or None when the storage has them off (Optuna wraps RDB
+    storages in a cache that forwards the heartbeat methods, not the attributes)."""
+    get = getattr(study._storage, "get_heartbeat_interval", None)
+    interval = get() if callable(get) else None
+    return float(interval) if interval else None
+
+
 class _Heartbeat:
     """Refreshes a running trial's heartbeat so other workers do not take it for dead."""
 
-    def __init__(self, study: optuna.Study, trial_id: int, interval: float = 10.0) -> None:
+    def __init__(self, study: optuna.Study, trial_id: int) -> None:
         self.storage = study._storage
         self.trial_id = trial_id
-        self.interval = interval
+        self.interval = _heartbeat_interval(study)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> _Heartbeat:
-        if hasattr(self.storage, "record_heartbeat") and getattr(self.storage, "heartbeat_interval", None):
+        if self.interval:
             self.storage.record_heartbeat(self.trial_id)
             self._thread = threading.Thread(target=self._beat, daemon=True)
             self._thread.start()
@@ -275,7 +284,7 @@ class _Session(SearchContext):
     def ask(self, fixed_params: Mapping[str, float] | None = None) -> optuna.Trial | None:
         if self._stop.event.is_set():
             return None
-        if getattr(self._study._storage, "heartbeat_interval", None):
+        if _heartbeat_interval(self._study):
             optuna.storages.fail_stale_trials(self._study)
         if fixed_params is None:
             return self._slots.ask()
@@ -502,6 +511,7 @@ def search(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads_per_worker)
     try:
+        _check_remote_stores(settings)
         prepared = _prepare(settings)
         seed = space_.strategy.seed
         study, resumed = _open_study(settings, seed)
@@ -510,10 +520,11 @@ def search(
             settings.study_name,
             {"task": space_.task, "budget": space_.budget, "strategy": settings.strategy_label,
              "objective": space_.strategy.objective, "trials": space_.strategy.trials, "seed": seed,
-             "workers": settings.workers, "study": settings.study_name, "storage": _redact(settings.storage_url),
+             "workers": settings.workers, "study": settings.study_name, "storage": redact(settings.storage_url),
              "groups": space_.groups.model_dump(mode="json"), "evaluation": space_.evaluation.model_dump(mode="json"),
              "dense_macs": prepared.profile.macs, "dense_params": prepared.profile.params},
             resume_run_id=study.user_attrs.get(ATTR_MLFLOW_RUN),
+            search_key=f"{redact(settings.storage_url)}#{settings.study_name}",
         )
         study.set_user_attr(ATTR_MLFLOW_RUN, parent_run_id)
         study.set_user_attr(ATTR_LATENCY_VERIFIED, None)  # re-verified when this run finishes
@@ -556,17 +567,24 @@ def search(
                 raise
             finally:
                 _stop_workers(processes)
-                _finish(settings, study, tracker, parent_run_id, prepared, failed=failed)
+                _finish(settings, study, tracker, parent_run_id, prepared, failed=failed,
+                        stopped=stop.event.is_set())
         return _result(settings, study, parent_run_id, dense_score, stop.event.is_set())
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+def _check_remote_stores(settings: SearchSettings) -> None:
+    """Refuse unreachable remote storage/tracking before any work (local SQLite files are made on use)."""
+    if not settings.storage_url.startswith("sqlite:"):
+        storage = open_storage(settings.storage_url)
+        try:
+            storage.get_all_studies()
+        except Exception as exc:
+            raise StorageError(f"Cannot read the Optuna storage {redact(settings.storage_url)}: "
+                               f"{str(exc).splitlines()[0][:300]}") from None
+    if settings.tracking_uri.startswith(("http://", "https://")):
+        check_server(settings.tracking_uri)
 
 
 def _start_workers(settings: SearchSettings, parent_run_id: str) -> list[multiprocessing.process.BaseProcess]:
@@ -634,8 +652,9 @@ def _baseline_scores(study: optuna.Study, prepared: _Prepared) -> dict[str, tupl
 
 
 def _finish(settings: SearchSettings, study: optuna.Study, tracker: Tracker, parent_run_id: str,
-            prepared: _Prepared, *, failed: bool) -> None:
-    """Best plan, baselines and plots onto the parent run; the run ends FINISHED or FAILED."""
+            prepared: _Prepared, *, failed: bool, stopped: bool = False) -> None:
+    """Best plan, baselines and plots onto the parent run; it ends FINISHED, FAILED, or KILLED
+    when the user stopped the search (resuming sets it RUNNING again)."""
     try:
         dead = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
         tracker.fail_running_trials(parent_run_id, dead)  # trials failed by heartbeat or reaping
@@ -667,7 +686,7 @@ def _finish(settings: SearchSettings, study: optuna.Study, tracker: Tracker, par
             tracker.log_figure(parent_run_id, fig, "plots/history.png")
             plots.close(fig)
     finally:
-        tracker.end_search(parent_run_id, failed=failed)
+        tracker.end_search(parent_run_id, status="FAILED" if failed else ("KILLED" if stopped else "FINISHED"))
 
 
 def _verify_latency(settings: SearchSettings, study: optuna.Study, tracker: Tracker, parent_run_id: str,

@@ -102,12 +102,17 @@ class EvaluationSettings(_Strict):
 
 
 class RLSettings(_Strict):
-    """AMC agent settings: DDPG by default, as in He et al. (2018)."""
+    """AMC agent settings: DDPG by default, as in He et al. (2018).
+
+    ``noise_sigma`` is the exploration noise's standard deviation in action units (actions span
+    [-1, 1], so 1.0 is AMC's 0.5 on its [0, 1] scale); it shrinks by ``noise_decay`` after every
+    episode past the warm-up (0.97 keeps exploring through a search of about 100 episodes).
+    """
 
     agent: Literal["ddpg", "td3", "sac"] = "ddpg"
     warmup_episodes: int = Field(default=10, ge=0)
-    noise_sigma: float = Field(default=0.5, gt=0)
-    noise_decay: float = Field(default=0.95, gt=0, le=1)
+    noise_sigma: float = Field(default=1.0, gt=0)
+    noise_decay: float = Field(default=0.97, gt=0, le=1)
     buffer_episodes: int = Field(default=200, ge=1)
     learning_rate_actor: float = Field(default=1e-4, gt=0)
     learning_rate_critic: float = Field(default=1e-3, gt=0)
@@ -187,13 +192,21 @@ class SearchSpace(_Strict):
             for p in parents:
                 node = node[p]
             node[leaf] = value
-        return _validate(data, source="command line overrides")
+        return _validate(data, source=f"Search space {self.display_name!r} with the command-line options",
+                         flags=_CLI_FLAGS)
 
 
-def _format_error(source: str, exc: ValidationError) -> str:
+_CLI_FLAGS = {
+    "strategy.name": "--strategy", "strategy.sampler": "--sampler", "strategy.rl.agent": "--agent",
+    "strategy.trials": "--trials", "strategy.seed": "--seed", "strategy.objective": "--objective", "budget": "--budget",
+}
+
+
+def _format_error(source: str, exc: ValidationError, flags: Mapping[str, str] | None = None) -> str:
     parts = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        label = f"key '{key}'" + (f" (option {flags[key]})" if flags and key in flags else "")
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             parent = err["loc"][:-1]
@@ -203,7 +216,7 @@ def _format_error(source: str, exc: ValidationError) -> str:
             msg = f"value {err.get('input')!r} is not allowed; {msg[0].lower() + msg[1:]}"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
-        parts.append(f"key '{key}': {msg}")
+        parts.append(f"{label}: {msg}")
     return f"{source} is not a valid search space: " + "; ".join(parts) + "."
 
 
@@ -218,7 +231,7 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def _validate(data: Any, *, source: str) -> SearchSpace:
+def _validate(data: Any, *, source: str, flags: Mapping[str, str] | None = None) -> SearchSpace:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
@@ -226,7 +239,7 @@ def _validate(data: Any, *, source: str) -> SearchSpace:
     try:
         return SearchSpace.model_validate(dict(data))
     except ValidationError as exc:
-        raise ConfigError(_format_error(source, exc)) from None
+        raise ConfigError(_format_error(source, exc, flags)) from None
 
 
 def find_space(name_or_path: str | os.PathLike[str]) -> Path:
@@ -235,7 +248,8 @@ def find_space(name_or_path: str | os.PathLike[str]) -> Path:
     if path.is_file():
         return path
     stem = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
-    candidates = [Path.cwd() / "search_spaces" / stem, Path(__file__).resolve().parent.parent / "search_spaces" / stem]
+    candidates = list(dict.fromkeys(
+        [Path.cwd() / "search_spaces" / stem, Path(__file__).resolve().parent.parent / "search_spaces" / stem]))
     for candidate in candidates:
         if candidate.is_file():
             return candidate

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,9 +20,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .errors import StorageError, StudyError
+from .errors import ConfigError, StorageError, StudyError
 
 __all__ = [
+    "redact",
     "default_storage_url",
     "open_storage",
     "create_or_resume_study",
@@ -58,38 +60,72 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
+def redact(url: str) -> str:
+    """``url`` without its password, for messages and MLflow params."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        credentials, host = rest.rsplit("@", 1)
+        user = credentials.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
+    return url
+
+
 def default_storage_url(workdir: Path) -> str:
     return f"sqlite:///{workdir / 'optuna.db'}"
 
 
+def _host() -> str:
+    # Containers on several machines can share a hostname; AUTOPRUNE_WORKER_HOST tells them apart.
+    return os.environ.get("AUTOPRUNE_WORKER_HOST") or socket.gethostname()
+
+
 def worker_id() -> str:
     """``host:pid`` of this process, recorded on each trial so a dead local worker is recognized."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{_host()}:{os.getpid()}"
+
+
+def _heartbeat_setting(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{name}={value!r} must be a positive number of seconds.")
+    return int(value)
 
 
 def open_storage(url: str, *, heartbeat: bool = False, retry_failed: bool = True) -> optuna.storages.BaseStorage:
     """An Optuna RDB storage for ``url``, with a clear error when it cannot be reached.
 
-    With ``heartbeat`` each running trial is refreshed every 10 s, and a trial whose worker has
-    been silent for 60 s is failed by the next worker that looks; with ``retry_failed`` its
-    candidate is enqueued again.
+    With ``heartbeat`` each running trial is refreshed every 10 s (``AUTOPRUNE_HEARTBEAT_INTERVAL``),
+    and a trial whose worker has been silent for 60 s (``AUTOPRUNE_HEARTBEAT_GRACE``) is failed by
+    the next worker that looks; with ``retry_failed`` its candidate is enqueued again.
     """
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:"):
         # Several worker processes share one file; wait for the write lock instead of failing.
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     if heartbeat:
-        kwargs.update(heartbeat_interval=10, grace_period=60)
+        kwargs.update(heartbeat_interval=_heartbeat_setting("AUTOPRUNE_HEARTBEAT_INTERVAL", 10),
+                      grace_period=_heartbeat_setting("AUTOPRUNE_HEARTBEAT_GRACE", 60))
         if retry_failed:
             kwargs["heartbeat_stale_trial_callback"] = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
-    try:
-        return optuna.storages.RDBStorage(url, **kwargs)
-    except Exception as exc:
-        raise StorageError(
-            f"Cannot open the Optuna storage {url!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}. "
-            "Check the URL (sqlite:///path/to/file.db or postgresql://user:pass@host/db), that the "
-            "server is up and reachable, and that the database exists."
-        ) from None
+    attempts = 5
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except Exception as exc:
+            # Workers starting together race to create the schema; the loser sees a duplicate
+            # table or key, and the schema exists a moment later.
+            racing = "IntegrityError" in type(exc).__name__ or "already exists" in str(exc)
+            if racing and attempt < attempts - 1:
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            raise StorageError(
+                f"Cannot open the Optuna storage {redact(url)!r}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:300]}. Check the URL (sqlite:///path/to/file.db or "
+                "postgresql://user:pass@host/db), that the server is up and reachable, and that the database exists."
+            ) from None
+    raise AssertionError("unreachable")
 
 
 def create_or_resume_study(
@@ -123,7 +159,11 @@ def create_or_resume_study(
         if [d.name.lower() for d in study.directions] != directions:
             raise StudyError(f"Study {name!r} has objective directions {study.directions}; this search needs {directions}.")
         return study, True
-    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, directions=directions)
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, directions=directions)
+    except optuna.exceptions.DuplicatedStudyError:
+        # Another worker created it between our look and our create: resume theirs.
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler), True
     study.set_user_attr("space_fingerprint", space_fingerprint)
     study.set_user_attr("settings", json.loads(json.dumps(settings, default=str)))
     return study, False
@@ -135,10 +175,10 @@ def load_study(name: str, storage_url: str) -> optuna.Study:
     try:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     except Exception as exc:
-        raise StorageError(f"Cannot read studies from {storage_url!r}: {str(exc).splitlines()[0][:300]}") from None
+        raise StorageError(f"Cannot read studies from {redact(storage_url)!r}: {str(exc).splitlines()[0][:300]}") from None
     if name not in names:
         raise StudyError(
-            f"No study named {name!r} in {storage_url}; studies there: {', '.join(names) or 'none'}. "
+            f"No study named {name!r} in {redact(storage_url)}; studies there: {', '.join(names) or 'none'}. "
             "Pass the --study and --storage the search used."
         )
     return optuna.load_study(study_name=name, storage=storage)
@@ -161,7 +201,7 @@ def reap_dead_local_trials(study: optuna.Study, *, retry: bool = True) -> list[F
     finds it here instead of waiting for a heartbeat to expire. Strategies that replay their own
     state (the RL agent) pass ``retry=False``.
     """
-    host = socket.gethostname()
+    host = _host()
     reaped = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = str(trial.user_attrs.get(ATTR_WORKER, ""))

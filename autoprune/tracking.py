@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,9 +17,13 @@ from typing import Any
 
 from .errors import StorageError
 
-__all__ = ["Tracker", "default_tracking_uri", "TRACKING_PARAM_LIMIT"]
+__all__ = ["Tracker", "default_tracking_uri", "check_server", "TRACKING_PARAM_LIMIT"]
 
 TRACKING_PARAM_LIMIT = 100  # more groups than this are logged in plan.json only, not as params
+
+# Each ended run would otherwise print two "View run at" lines (and fetch the run again) on a
+# tracking server; one search ends hundreds of runs.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 for _noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking", "mlflow.store"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
@@ -45,13 +50,22 @@ class Tracker:
     def __init__(self, tracking_uri: str, experiment: str, *, artifact_root: Path | None = None) -> None:
         from mlflow import MlflowClient
 
+        if tracking_uri.startswith(("http://", "https://")):
+            check_server(tracking_uri)
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         try:
             found = self.client.get_experiment_by_name(experiment)
             if found is None:
                 location = artifact_root.resolve().as_uri() if artifact_root and not tracking_uri.startswith("http") else None
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+                try:
+                    self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+                except Exception:
+                    # another worker created it a moment ago
+                    found = self.client.get_experiment_by_name(experiment)
+                    if found is None:
+                        raise
+                    self.experiment_id = found.experiment_id
             else:
                 self.experiment_id = found.experiment_id
         except Exception as exc:
@@ -64,26 +78,58 @@ class Tracker:
 
     # -- runs ------------------------------------------------------------------------------
 
-    def start_search(self, name: str, settings: Mapping[str, Any], *, resume_run_id: str | None = None) -> str:
-        """Create the parent run of a search (or reopen it when resuming) and log its settings."""
-        from mlflow.entities import Param, RunStatus
+    def start_search(
+        self, name: str, settings: Mapping[str, Any], *, resume_run_id: str | None = None, search_key: str | None = None
+    ) -> str:
+        """The parent run of a search: reopened when resuming, shared by workers of one study.
 
-        if resume_run_id:
-            try:
-                run = self.client.get_run(resume_run_id)
-                if run.info.status != RunStatus.to_string(RunStatus.RUNNING):
-                    self.client.update_run(resume_run_id, status="RUNNING")
-                return resume_run_id
-            except Exception:
-                pass  # the tracking store was reset: start a new parent run
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={"autoprune.kind": "search"})
+        Workers on several machines may start the same search at once; each looks for the parent
+        run tagged with ``search_key`` (storage and study), and if two create one concurrently,
+        the earlier survives and the later is deleted.
+        """
+        from mlflow.entities import Param
+
+        if resume_run_id and self._reopen(resume_run_id):
+            return resume_run_id
+        if search_key:
+            existing = self._parents(search_key)
+            if existing and self._reopen(existing[0]):
+                return existing[0]
+        tags = {"autoprune.kind": "search", **({"autoprune.search_key": search_key} if search_key else {})}
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        run_id = run.info.run_id
+        if search_key:
+            existing = self._parents(search_key)
+            if existing and existing[0] != run_id:
+                self.client.delete_run(run_id)
+                return existing[0]
         params = [Param(k, _param_value(v)) for k, v in _flatten(settings).items()]
         for i in range(0, len(params), 100):
-            self.client.log_batch(run.info.run_id, params=params[i : i + 100])
-        return run.info.run_id
+            self.client.log_batch(run_id, params=params[i : i + 100])
+        return run_id
 
-    def end_search(self, run_id: str, *, failed: bool = False) -> None:
-        self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+    def _parents(self, search_key: str) -> list[str]:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`autoprune.search_key` = '{search_key}' and tags.`autoprune.kind` = 'search'",
+            order_by=["attributes.start_time ASC"], max_results=10,
+        )
+        return [r.info.run_id for r in sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))]
+
+    def _reopen(self, run_id: str) -> bool:
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:
+            return False  # the tracking store was reset: start a new parent run
+        if run.info.lifecycle_stage != "active":
+            return False
+        if run.info.status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+        return True
+
+    def end_search(self, run_id: str, *, status: str = "FINISHED") -> None:
+        """End the parent run: FINISHED, FAILED, or KILLED (stopped by the user)."""
+        self.client.set_terminated(run_id, status=status)
 
     def start_trial(self, parent_run_id: str, number: int, tags: Mapping[str, str] | None = None) -> str:
         run = self.client.create_run(
@@ -165,6 +211,31 @@ class Tracker:
             self.client.search_runs([self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                                     max_results=5000)
         )
+
+
+def check_server(tracking_uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, with a clear message, when an MLflow tracking server does not answer.
+
+    MLflow's client retries with backoff for minutes before giving up on a dead server.
+    """
+    import urllib.error
+    import urllib.request
+
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        problem = f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        problem = str(getattr(exc, "reason", exc))
+    raise StorageError(
+        f"The MLflow tracking server {tracking_uri} does not answer ({problem} from {url}). Start it "
+        "(mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db) or fix "
+        "--tracking-uri; without a server, leave --tracking-uri out to log to the workdir's SQLite file."
+    )
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

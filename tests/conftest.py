@@ -74,3 +74,89 @@ def mlflow_runs(workdir: Path, experiment: str = "digits-cnn"):
     parents = [r for r in runs if r.data.tags.get("autoprune.kind") == "search"]
     children = [r for r in runs if r.data.tags.get("autoprune.kind") == "trial"]
     return client, parents, children
+
+
+def _pg_binaries() -> Path | None:
+    import glob
+    import shutil as _shutil
+
+    for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+        if Path(candidate, "initdb").exists():
+            return Path(candidate)
+    found = _shutil.which("initdb")
+    return Path(found).parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory):
+    """A real PostgreSQL server on loopback for the session (installed by .ci/run when missing)."""
+    import socket
+    import time as _time
+
+    bindir = _pg_binaries()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries are not installed (.ci/run installs Debian's postgresql)")
+    import shutil as _shutil
+    import tempfile
+
+    # Not under pytest's tmp dir: as root that is private, and the server runs as user postgres.
+    data = Path(tempfile.mkdtemp(prefix="autoprune-pgdata-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        subprocess.run(["chown", "-R", "postgres:postgres", str(data)], check=True)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "autoprune", "--auth=trust", "-E", "UTF8"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(data / "log"), "-w", "-o",
+                    f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c max_connections=200", "start"],
+                   check=True, capture_output=True)
+    try:
+        deadline = _time.time() + 30
+        while _time.time() < deadline:
+            done = subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "autoprune",
+                                   "autoprune"], capture_output=True)
+            if done.returncode == 0:
+                break
+            _time.sleep(0.5)
+        yield f"postgresql+psycopg://autoprune@127.0.0.1:{port}/autoprune"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        _shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """A real MLflow tracking server on loopback, with its own SQLite backend."""
+    import signal
+    import socket
+    import time as _time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = _time.time() + 90
+        while _time.time() < deadline:
+            try:
+                if urllib.request.urlopen(url + "/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                _time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

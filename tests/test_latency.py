@@ -1,0 +1,91 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, mlflow_runs
+
+import autoprune as ap
+from autoprune.export import write_deployables
+from autoprune.latency import LatencySettings, build_predictor, measure_latency, with_check
+from autoprune.task import dense_model
+
+SPACE = str(REPO / "search_spaces" / "default.yaml")
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    model, x = dense_model("fashionmnist-resnet20", pretrained=False)
+    return model, x, ap.profile_model(model, x)
+
+
+def test_measurement_reports_median_and_spread(resnet):
+    model, x, _ = resnet
+    m = measure_latency(model, x, LatencySettings(batch_size=2, threads=1, repeats=7, warmup=1))
+    assert m.p10_ms <= m.median_ms <= m.p90_ms and m.median_ms > 0
+    assert (m.batch_size, m.threads, m.repeats) == (2, 1, 7)
+    assert m.to_dict()["spread_ms"] == pytest.approx(m.p90_ms - m.p10_ms)
+
+
+def test_predictor_is_cached_and_its_error_is_measured(resnet, tmp_path):
+    model, x, prof = resnet
+    settings = LatencySettings(batch_size=1, threads=1, repeats=10)
+    plans = [ap.uniform_plan(prof, ap.Budget(flops=f)).kept for f in (0.7, 0.4)]
+    first = build_predictor(model, x, prof, settings, cache_dir=tmp_path, check_plans=plans)
+    assert first.check is not None and len(first.check.measured_ms) == 2
+    assert np.isfinite(first.check.median_abs_error)
+    assert first.predict({}) == pytest.approx(first.scale * first._raw(np.array(first.dense_channels, float)) + first.offset)
+    # fewer channels are never predicted slower
+    assert first.predict(plans[1]) <= first.predict(plans[0]) <= first.predict({})
+    cached = build_predictor(model, x, prof, settings, cache_dir=tmp_path)
+    assert cached.tables.keys() == first.tables.keys() and cached.scale == first.scale
+    assert list(tmp_path.glob("latency-*.json"))
+    checked = with_check(cached, model, x, plans[:1])
+    assert len(checked.check.predicted_ms) == 1
+
+
+def test_latency_budget_needs_a_predictor(resnet):
+    _, _, prof = resnet
+    with pytest.raises(ap.BudgetError, match="needs a latency predictor"):
+        ap.uniform_plan(prof, ap.Budget(latency_ms=1.0))
+    with pytest.raises(ap.BudgetError, match="fraction in \\(0, 1\\)"):
+        ap.Budget(latency=1.5)
+    assert ap.Budget.parse("latency_ms=2.5") == ap.Budget(latency_ms=2.5)
+
+
+def test_projection_meets_a_predicted_latency_budget(resnet):
+    model, x, prof = resnet
+    predictor = build_predictor(model, x, prof, LatencySettings(repeats=5))
+    limit = 0.6 * predictor.dense_ms
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        plan = ap.project(prof, {g.name: float(rng.uniform(0, 0.8)) for g in prof.groups},
+                          ap.Budget(latency_ms=limit), latency=predictor)
+        assert plan.metrics["latency_ms"] <= limit
+        assert plan.metrics["latency_ms"] >= 0.9 * limit
+
+
+def test_latency_budgeted_search_measures_its_best_within_budget(workdir):
+    space = ap.load_space(SPACE).with_overrides(
+        latency={"batch_size": 32, "threads": 1, "repeats": 15, "device": "cpu", "tolerance": 0.15})
+    result = ap.search(space, budget="latency=0.7", n_trials=8, workdir=workdir, show_progress=False)
+    best_trial = result.best_plan.provenance["trial"]
+    measured = result.measured_latency_ms[best_trial]
+    study_settings = json.loads(json.dumps(result.settings))
+    assert study_settings["space"]["budget"] == {"latency": 0.7}
+    predictor_dense = [p for p in (workdir / "latency").glob("latency-*.json")]
+    dense_ms = json.loads(predictor_dense[0].read_text())["dense_ms"]
+    assert measured <= 0.7 * dense_ms * 1.15
+    _, _, children = mlflow_runs(workdir)
+    assert all("latency_ms" in c.data.metrics for c in children)
+
+
+def test_exported_formats_match_pytorch(resnet, tmp_path):
+    model, x, prof = resnet
+    pruned = ap.apply_plan(model, ap.uniform_plan(prof, ap.Budget(flops=0.5)), example_input=x)
+    formats = write_deployables(pruned, x, tmp_path)
+    assert formats["torch_export"]["matches"], formats
+    assert formats["onnx"]["matches"], formats
+    program = torch.export.load(tmp_path / "model.pt2").module()
+    batch = torch.randn(3, *x.shape[1:])
+    torch.testing.assert_close(program(batch), pruned(batch), atol=1e-4, rtol=1e-4)
