@@ -428,6 +428,7 @@ def _prepare(settings: SearchSettings) -> _Prepared:
     )
     glob = global_plan(profile, budget, evaluator.scores, bounds=bounds, round_to=space.groups.round_to,
                        latency=latency)
+    evaluator.dense_score  # noqa: B018 - scores the task once now: a broken score function fails before any write
     return _Prepared(task, profile, evaluator, {"uniform": uniform, "global": glob}, latency)
 
 
