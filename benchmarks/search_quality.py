@@ -1,0 +1,259 @@
+"""Search quality and cost of every strategy against the baselines, side by side.
+
+For each task and MACs budget: the strategies uniform, global, random, optuna (TPE) and rl (DDPG)
+with the same number of candidate evaluations and several seeds; then the best plan of each is
+fine-tuned with one identical recipe and scored on the test split (never used to choose a plan).
+Writes benchmarks/results/search_quality.json and .md, and a sample-efficiency plot per task and
+budget (best validation score against evaluations spent), also logged to MLflow.
+
+    python benchmarks/search_quality.py                 # fashionmnist-resnet20, flops 0.5 and 0.3
+    python benchmarks/search_quality.py --quick         # digits-cnn, small: a CI-sized check (< 5 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import autoprune as ap  # noqa: E402
+from _machine import machine_info  # noqa: E402
+from autoprune import plots  # noqa: E402
+from autoprune.export import prune_and_finetune  # noqa: E402
+from autoprune.latency import LatencySettings, measure_latency  # noqa: E402
+from autoprune.study import completed_trials  # noqa: E402
+from autoprune.tracking import Tracker  # noqa: E402
+from autoprune.train import score_model  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+STRATEGIES = ("uniform", "global", "random", "optuna", "rl")
+SEARCHING = ("random", "optuna", "rl")
+
+
+def _space(task: str) -> Path:
+    path = REPO / "search_spaces" / f"{task}.yaml"
+    return path if path.is_file() else REPO / "search_spaces" / "default.yaml"
+
+
+def _curve(study: optuna.Study) -> list[float]:
+    """Best validation score after each evaluation, in trial order."""
+    best, curve = float("-inf"), []
+    for t in completed_trials(study):
+        best = max(best, t.user_attrs["result"]["val_score"])
+        curve.append(best)
+    return curve
+
+
+def run_one(task: str, budget: float, strategy: str, seed: int, evaluations: int, workdir: Path) -> dict:
+    start = time.perf_counter()
+    result = ap.search(_space(task), strategy=strategy, budget=f"flops={budget}", n_trials=evaluations, seed=seed,
+                       study=f"{task}-{strategy}-{budget}-s{seed}", workdir=workdir, show_progress=False)
+    wall = time.perf_counter() - start
+    study = optuna.load_study(study_name=result.study_name, storage=result.storage_url)
+    trials = completed_trials(study)
+    seconds = [t.user_attrs["result"]["seconds"] for t in trials]
+    return {"result": result, "curve": _curve(study), "wall_seconds": wall, "evaluations": len(trials),
+            "evaluations_per_minute": 60.0 * len(seconds) / sum(seconds) if seconds else None}
+
+
+def finetune_and_test(task: ap.Task, plan: ap.Plan, *, epochs: float, seed: int, importance: str) -> tuple[float, torch.nn.Module]:
+    model = prune_and_finetune(task, plan, epochs=epochs, importance=importance, seed=seed, show_progress=False)
+    return score_model(model, task.test_loader, task.score_fn), model
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def run(args: argparse.Namespace) -> dict:
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="autoprune-quality-"))
+    latency_settings = LatencySettings(batch_size=args.latency_batch, threads=1, repeats=20)
+    rows, curves = [], {}
+    for task_name in args.tasks:
+        task = ap.load_task(task_name, workdir=workdir)
+        importance = ap.load_space(_space(task_name)).evaluation.importance
+        for budget in args.budgets:
+            for strategy in STRATEGIES:
+                for seed in args.seeds:
+                    n = args.evaluations if strategy in SEARCHING else 1
+                    if strategy not in SEARCHING and seed != args.seeds[0]:
+                        # uniform/global plans do not depend on the seed: search once, fine-tune per seed
+                        found = next(r for r in rows if (r["task"], r["budget"], r["strategy"]) == (task_name, budget, strategy))
+                        outcome = {"result": found["_result"], "curve": found["curve"], "wall_seconds": found["search_wall_seconds"],
+                                   "evaluations": 1, "evaluations_per_minute": found["evaluations_per_minute"]}
+                    else:
+                        outcome = run_one(task_name, budget, strategy, seed, n, workdir)
+                    result = outcome["result"]
+                    start = time.perf_counter()
+                    test_score, model = finetune_and_test(task, result.best_plan, epochs=args.finetune_epochs,
+                                                          seed=seed, importance=importance)
+                    latency = measure_latency(model, task.example_input, latency_settings)
+                    row = {
+                        "task": task_name, "budget": budget, "strategy": strategy, "seed": seed,
+                        "best_val_score": result.best_result.val_score, "test_score_finetuned": test_score,
+                        "macs_ratio": result.best_result.macs_ratio, "latency_ms": latency.median_ms,
+                        "evaluations": outcome["evaluations"], "search_wall_seconds": outcome["wall_seconds"],
+                        "finetune_seconds": time.perf_counter() - start,
+                        "evaluations_per_minute": outcome["evaluations_per_minute"], "curve": outcome["curve"],
+                        "_result": result,
+                    }
+                    rows.append(row)
+                    print(f"{task_name} flops={budget} {strategy:8s} seed {seed}: val {row['best_val_score']:.4f} "
+                          f"test {test_score:.4f} MACs {row['macs_ratio']:.3f} ({row['search_wall_seconds']:.0f} s search)",
+                          flush=True)
+            curves[(task_name, budget)] = {s: [r["curve"] for r in rows if (r["task"], r["budget"], r["strategy"]) ==
+                                               (task_name, budget, s)] for s in SEARCHING}
+    for r in rows:
+        r.pop("_result")
+    return {"rows": rows, "curves": curves, "workdir": str(workdir), "latency_settings": latency_settings.to_dict()}
+
+
+def summarize(raw: dict, args: argparse.Namespace) -> dict:
+    rows = raw["rows"]
+    table = []
+    for task in args.tasks:
+        for budget in args.budgets:
+            for strategy in STRATEGIES:
+                sel = [r for r in rows if (r["task"], r["budget"], r["strategy"]) == (task, budget, strategy)]
+                val_m, val_s = _mean_std([r["best_val_score"] for r in sel])
+                test_m, test_s = _mean_std([r["test_score_finetuned"] for r in sel])
+                table.append({
+                    "task": task, "budget": budget, "strategy": strategy, "seeds": len(sel),
+                    "val_mean": val_m, "val_std": val_s, "test_mean": test_m, "test_std": test_s,
+                    "macs_ratio": statistics.mean(r["macs_ratio"] for r in sel),
+                    "latency_ms": statistics.mean(r["latency_ms"] for r in sel),
+                    "evaluations": sel[0]["evaluations"],
+                    "wall_seconds": statistics.mean(r["search_wall_seconds"] for r in sel),
+                    "evaluations_per_minute": statistics.mean(r["evaluations_per_minute"] for r in sel
+                                                              if r["evaluations_per_minute"]),
+                })
+    verdicts = []
+    for task in args.tasks:
+        for budget in args.budgets:
+            get = {t["strategy"]: t for t in table if (t["task"], t["budget"]) == (task, budget)}
+            need = 0.5 if budget >= 0.5 else 1.0
+            gap_uniform = 100 * (get["optuna"]["test_mean"] - get["uniform"]["test_mean"])
+            gap_global = 100 * (get["optuna"]["test_mean"] - get["global"]["test_mean"])
+            rl_final = [c[-1] for c in raw["curves"][(task, budget)]["rl"]]
+            tpe_curves = raw["curves"][(task, budget)]["optuna"]
+            reach = []
+            for target, curve in zip(rl_final, tpe_curves):
+                hit = next((i + 1 for i, v in enumerate(curve) if v >= target), None)
+                reach.append(hit)
+            verdicts.append({
+                "task": task, "budget": budget,
+                "tpe_minus_uniform_points": gap_uniform, "tpe_minus_global_points": gap_global,
+                "target_uniform_points": need, "meets_uniform_target": gap_uniform >= need,
+                "meets_global_target": gap_global >= 0,
+                "tpe_evaluations_to_reach_rl_final": reach, "evaluations": args.evaluations,
+                "meets_half_evaluations_target": all(h is not None and h <= args.evaluations / 2 for h in reach),
+            })
+    return {"table": table, "verdicts": verdicts}
+
+
+def plot_curves(raw: dict, workdir: Path) -> list[Path]:
+    paths = []
+    for (task, budget), by_strategy in raw["curves"].items():
+        fig, ax = plots.plt.subplots(figsize=(6.4, 4.2))
+        for strategy, curves in by_strategy.items():
+            if not curves:
+                continue
+            length = min(len(c) for c in curves)
+            arr = np.array([c[:length] for c in curves])
+            x = np.arange(1, length + 1)
+            ax.plot(x, arr.mean(0), label=f"{strategy} (mean of {len(curves)})")
+            ax.fill_between(x, arr.min(0), arr.max(0), alpha=0.15)
+        ax.set_xlabel("candidate evaluations")
+        ax.set_ylabel("best validation score so far")
+        ax.set_title(f"{task}, flops={budget}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = RESULTS / f"sample_efficiency_{task}_flops{budget}.png"
+        fig.savefig(path, dpi=110)
+        plots.close(fig)
+        paths.append(path)
+    tracker = Tracker(f"sqlite:///{workdir / 'mlflow.db'}", "benchmark-search-quality", artifact_root=workdir / "mlartifacts")
+    run_id = tracker.start_search("search_quality", {"note": "sample efficiency plots"})
+    for path in paths:
+        tracker.log_file(run_id, path, "plots")
+    tracker.end_search(run_id)
+    return paths
+
+
+def markdown(summary: dict, payload: dict) -> str:
+    m = payload["machine"]
+    lines = [
+        f"Measured on {m['cpu']} ({m['cores']} cores, torch {m['versions']['torch']}), {payload['date']}. "
+        f"{payload['settings']['evaluations']} candidate evaluations per searching strategy, seeds "
+        f"{payload['settings']['seeds']}, each best plan fine-tuned {payload['settings']['finetune_epochs']} epoch(s) "
+        "with the same recipe; test split used only for this table. Mean ± std over seeds.",
+        "",
+        "| task | MACs budget | strategy | best val score | test acc. after fine-tuning | MACs ratio | latency ms | evaluations | search wall s | evals/min |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in summary["table"]:
+        lines.append(
+            f"| {t['task']} | {t['budget']} | {t['strategy']} | {t['val_mean']:.4f} ± {t['val_std']:.4f} | "
+            f"{100 * t['test_mean']:.2f} ± {100 * t['test_std']:.2f} | {t['macs_ratio']:.3f} | {t['latency_ms']:.2f} | "
+            f"{t['evaluations']} | {t['wall_seconds']:.0f} | {t['evaluations_per_minute']:.0f} |"
+        )
+    lines += ["", "Targets, as measured (no tuning on the test split):", ""]
+    for v in summary["verdicts"]:
+        lines.append(
+            f"- {v['task']} flops={v['budget']}: TPE − uniform = {v['tpe_minus_uniform_points']:+.2f} points "
+            f"(target ≥ {v['target_uniform_points']}: {'met' if v['meets_uniform_target'] else 'NOT met'}); "
+            f"TPE − global = {v['tpe_minus_global_points']:+.2f} points ({'met' if v['meets_global_target'] else 'NOT met'}); "
+            f"evaluations TPE needs to reach RL's final best: {v['tpe_evaluations_to_reach_rl_final']} of {v['evaluations']} "
+            f"(target ≤ half: {'met' if v['meets_half_evaluations_target'] else 'NOT met'})."
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="digits-cnn, 20 evaluations, 2 seeds, flops 0.5")
+    parser.add_argument("--tasks", nargs="+", default=["fashionmnist-resnet20"])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.3])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--evaluations", type=int, default=100)
+    parser.add_argument("--finetune-epochs", type=float, default=1.0)
+    parser.add_argument("--latency-batch", type=int, default=32)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.quick:
+        args.tasks, args.budgets, args.seeds, args.evaluations, args.finetune_epochs = ["digits-cnn"], [0.5], [0, 1], 20, 2.0
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    raw = run(args)
+    summary = summarize(raw, args)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "benchmark": "search_quality", "date": time.strftime("%Y-%m-%d"), "machine": machine_info(),
+        "settings": {"tasks": args.tasks, "budgets": args.budgets, "seeds": args.seeds, "evaluations": args.evaluations,
+                     "finetune_epochs": args.finetune_epochs, "quick": args.quick,
+                     "latency": raw["latency_settings"]},
+        "wall_seconds": time.perf_counter() - start,
+        **summary, "rows": raw["rows"],
+    }
+    plot_curves(raw, Path(raw["workdir"]))
+    suffix = "_quick" if args.quick else ""
+    (RESULTS / f"search_quality{suffix}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"search_quality{suffix}.md").write_text(markdown(summary, payload))
+    print(markdown(summary, payload))
+
+
+if __name__ == "__main__":
+    main()
