@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from ..budget import Budget
+from ..budget import Budget, LatencyModel
 from ..evaluate import TrialResult
 from ..plan import Plan
 from ..profile import ModelProfile
@@ -49,6 +49,8 @@ class SearchContext(abc.ABC):
         round_to: channel-count multiple.
         seed: the search's seed (a worker's seed when several workers share the study).
         baselines: the uniform and global plans at the budget.
+        latency: the latency predictor of a search that measures latency (else None); a latency
+            budget's costs come from it.
     """
 
     profile: ModelProfile
@@ -58,6 +60,7 @@ class SearchContext(abc.ABC):
     round_to: int
     seed: int
     baselines: dict[str, Plan]
+    latency: LatencyModel | None = None
 
     @property
     @abc.abstractmethod

@@ -2,13 +2,18 @@
 
 The agent walks the model's groups in network order. At each step it sees the group's layer
 embedding (He et al., 2018, "AMC: AutoML for Model Compression", section 3.2) and answers with one
-action in [-1, 1], mapped linearly onto the group's allowed ratio range (the fraction of channels
-*removed*). Before the ratio is taken it is raised, if needed, so that the budget can still be met
-when every group still to come prunes as far as it may (AMC's resource-constrained action
-clipping). At the last step the chosen ratios are projected onto the budget
-(:func:`autoprune.budget.project`: same shape, tight to the limit, snapped to the channel grid),
-the plan is evaluated and the episode ends with AMC's reward. Intermediate steps earn 0, and with
-``gamma = 1`` every step's value is the episode's final reward.
+action in [-1, 1] that becomes the group's ratio (the fraction of channels *removed*).
+
+The action maps linearly onto the group's ratio range [lo, hi] (-1 prunes least, +1 most). AMC's
+action clipping then raises the ratio if needed: never so little that the budget could no longer
+be met with every later group pruned as far as it may (costs from the profile's exact analytic
+cost model, or the latency predictor for a latency budget). Plans that undershoot the budget are
+filled back up by the projection below.
+
+At the last step the chosen ratios are projected onto the budget (:func:`autoprune.budget.project`:
+same shape, tight to the limit, snapped to the channel grid), the plan is evaluated and the episode
+ends with AMC's reward. Intermediate steps earn 0 (the agent's replay buffer credits the final
+reward to every step of the episode, as AMC does).
 
 Groups whose ratio range is a single value (``(0, 0)``: not searched) are not stepped: an action
 there could change nothing. They keep that ratio in every plan and still count in the budget.
@@ -17,13 +22,14 @@ there could change nothing. They keep that ratio in every plan and still count i
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 
-from ...budget import Budget, _Grid, project, resolve_bounds
+from ...budget import Budget, LatencyModel, _Grid, project, resolve_bounds
 from ...errors import ConfigError
 from ...evaluate import Evaluator, TrialResult
 from ...plan import Plan
@@ -84,6 +90,7 @@ class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
         round_to: channel-count multiple of the plans.
         reward: ``"error"`` (AMC's resource-constrained ``-error``) or ``"flops"``
             (``-error * log(MACs)``); error is ``1 - val_score``.
+        latency: the latency predictor a ``latency``/``latency_ms`` budget is measured with.
         evaluate_fn: scores an episode's plan (see :data:`EvaluateFn`); by default an
             :class:`autoprune.Evaluator` over ``task`` with the search-space defaults.
         data_root, workdir, pretrained, seed: passed to :func:`autoprune.load_task`.
@@ -108,8 +115,9 @@ class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
         round_to: int = 1,
         reward: str = "error",
         evaluate_fn: EvaluateFn | None = None,
-        data_root: str | None = None,
-        workdir: str | None = None,
+        latency: LatencyModel | None = None,
+        data_root: str | os.PathLike[str] | None = None,
+        workdir: str | os.PathLike[str] | None = None,
         pretrained: bool = True,
         seed: int = 0,
     ) -> None:
@@ -139,7 +147,8 @@ class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
         self._evaluator: Evaluator | None = None
 
         # The grid refuses a bad round_to and gives the channel options each group may take.
-        grid = _Grid(profile, self.budget, self.bounds, round_to)
+        self.latency = latency
+        grid = _Grid(profile, self.budget, self.bounds, round_to, latency)
         grid.check_feasible()  # an infeasible budget fails here, before any episode
         self._names = profile.names
         self._dense = grid.dense  # (G,) dense channels per group
@@ -148,12 +157,12 @@ class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
         smallest, _ = grid.extremes()
         self._max_removed = grid.dense - smallest  # (G,) most channels each group may remove
         self._limit = grid.limit
-        # Clipping needs the budget's metric as a function of the channels removed; a metric the
-        # cost model cannot answer leaves the episode's end to the projection alone.
-        metric = self.budget.metric
-        self._metric_cost: Callable[[np.ndarray], float] | None = (
-            profile.cost.macs if metric == "flops" else profile.cost.params if metric == "params" else None
-        )
+        # Clipping needs the budget's metric as a function of the (continuous) channels removed.
+        if self.budget.is_latency and latency is not None:  # _Grid refused latency without a predictor
+            predict = latency.predict_kept  # interpolates between measured channel counts
+            self._metric_cost: Callable[[np.ndarray], float] = lambda removed: predict(self._dense - removed)
+        else:
+            self._metric_cost = profile.cost.macs if self.budget.metric == "flops" else profile.cost.params
         self._steps = [i for i in range(len(self._names)) if self._high[i] > self._low[i]]
         if not self._steps:
             raise ConfigError("PruningEnv has no group to search: every group's ratio range is a single value.")
@@ -203,29 +212,24 @@ class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
         return np.clip(obs, 0.0, 1.0).astype(np.float32)
 
     def min_ratio(self, step: int) -> float:
-        """Smallest ratio of the group at ``step`` that leaves the budget reachable.
-
-        The earlier steps' ratios are taken as chosen, every later group at its largest removal;
-        the budget metric falls as the ratio rises, so bisection finds the bound.
-        """
+        """AMC's clipping bound: the smallest ratio of the group at ``step`` after which the budget
+        can still be met, with the earlier groups' ratios as chosen and every later group at its
+        largest removal. The budget metric falls as the ratio rises, so bisection finds it."""
         i = self._steps[step]
         low, high = float(self._low[i]), float(self._high[i])
-        if self._metric_cost is None:
-            return low
-        ratios = self._ratios.copy()
-        removed_base = self._removed(ratios)
+        removed_base = self._removed(self._ratios)
         for j in self._steps[step + 1:]:
             removed_base[j] = self._max_removed[j]
 
         def meets(ratio: float) -> bool:
             removed = removed_base.copy()
             removed[i] = ratio * self._dense[i]
-            return self._metric_cost(removed) <= self._limit  # type: ignore[misc]
+            return self._metric_cost(removed) <= self._limit
 
         if meets(low):
             return low
         if not meets(high):
-            return high  # only rounding keeps the budget out of reach; the projection closes it
+            return high  # only channel rounding keeps the budget out of reach; the projection closes it
         lo, hi = low, high
         for _ in range(_BISECTION_STEPS):
             mid = 0.5 * (lo + hi)
@@ -248,10 +252,10 @@ class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
             raise ValueError(f"PruningEnv action must be a finite number in [-1, 1], got {value}.")
         i = self._steps[self._t]
         wanted = action_to_ratio(value, self._low[i], self._high[i])
-        # AMC's clipping: never choose a ratio after which the budget can no longer be met.
-        ratio = max(wanted, self.min_ratio(self._t))
+        bound = self.min_ratio(self._t)
+        ratio = max(wanted, bound)  # AMC's clipping: the budget must stay reachable
         self._ratios[i] = ratio
-        info: dict[str, Any] = {"group": self._names[i], "ratio": ratio, "clipped": ratio > wanted}
+        info: dict[str, Any] = {"group": self._names[i], "ratio": ratio, "wanted": wanted, "min_ratio": bound}
         self._t += 1
         if self._t < len(self._steps):
             return self._observation(), 0.0, False, False, info
@@ -260,7 +264,7 @@ class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
         raw = {self._names[j]: float(self._ratios[j]) for j in self._steps}
         chosen = {name: float(r) for name, r in zip(self._names, self._ratios)}
         plan = project(self.profile, chosen, self.budget, bounds=self.bounds, round_to=self.round_to,
-                       provenance={"strategy": "rl"})
+                       provenance={"strategy": "rl"}, latency=self.latency)
         info.update(plan=plan, raw=raw)
         try:
             result = self._evaluate(plan, raw)
@@ -293,6 +297,7 @@ class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
             self._evaluator = Evaluator(
                 self.task, calibration_batches=ev.calibration_batches, val_samples=ev.val_samples,
                 finetune_steps=ev.finetune_steps, importance=ev.importance, seed=self._seed, profile=self.profile,
+                latency=self.latency,
             )
         return self._evaluator.evaluate(plan)
 
