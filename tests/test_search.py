@@ -142,7 +142,9 @@ def test_export_then_apply(workdir, tmp_path):
     done = run_cli("export", "--study", result.study_name, "--out", str(out), "--workdir", str(workdir),
                    "--finetune-epochs", "1")
     assert done.returncode == 0, done.stderr
-    assert {p.name for p in out.iterdir()} == {"plan.json", "model.pt", "report.json", "report.md"}
+    written = {p.name for p in out.iterdir()}
+    assert {"plan.json", "model.pt", "model.pt2", "model.onnx", "report.json", "report.md"} <= written
+    assert report_formats_match(out)
     report = json.loads((out / "report.json").read_text())
     assert report["pruned"]["macs_ratio"] <= 0.5 and report["uniform"]["macs_ratio"] <= 0.5
     assert 0.5 < report["pruned"]["score"] <= 1.0
@@ -154,6 +156,11 @@ def test_export_then_apply(workdir, tmp_path):
     assert macs <= 0.5 * ap.profile_model(task).macs
     again = run_cli("export", "--study", result.study_name, "--out", str(out), "--workdir", str(workdir))
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def report_formats_match(out) -> bool:
+    formats = json.loads((out / "report.json").read_text())["formats"]
+    return formats["torch_export"]["matches"] and formats["onnx"]["matches"]
 
 
 def _free_port() -> int:
