@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import pruning
-from .latency import LatencySettings, measure_latency
+from .latency import LatencySettings, measure_many
 from ._workdir import resolve_workdir
 from .errors import CheckpointError, ConfigError, PlanError, StudyError
 from .plan import Plan, check_plan_matches
@@ -303,8 +303,7 @@ def export_study(
     }
     data["pruned"]["score_minus_uniform"] = data["pruned"]["score"] - data["uniform"]["score"]
     settings = latency_settings(space)
-    dense_latency = measure_latency(task.model, x, settings)
-    pruned_latency = measure_latency(model, x, settings)
+    dense_latency, pruned_latency = measure_many([task.model, model], x, settings)
     data["latency"] = {
         "settings": settings.to_dict(),
         "dense_ms": dense_latency.median_ms, "dense_spread_ms": dense_latency.spread_ms,

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ __all__ = [
     "LatencySettings",
     "LatencyMeasurement",
     "measure_latency",
+    "measure_many",
     "LatencyPredictor",
     "build_predictor",
     "PredictorCheck",
@@ -143,6 +145,38 @@ def measure_latency(
     )
 
 
+def measure_many(
+    models: Sequence[nn.Module], example_input: torch.Tensor, settings: LatencySettings = LatencySettings(),
+    *, rounds: int = 5,
+) -> list[LatencyMeasurement]:
+    """Time several models round-robin, so that drift of the machine's speed hits all alike.
+
+    A CPU's speed wanders by tens of percent over seconds (frequency scaling, neighbours on a
+    shared host); timing model A fully and then model B turns that drift into a fake speedup.
+    Each of ``rounds`` rounds runs every model ``repeats / rounds`` times; each model's median
+    and spread are over all its runs.
+    """
+    device = torch.device(settings.device)
+    x = example_input.expand(settings.batch_size, *example_input.shape[1:]).contiguous().to(device)
+    prepared = [m.eval().to(device) for m in models]
+    per_round = max(1, math.ceil(settings.repeats / rounds))
+    chunk = LatencySettings(batch_size=settings.batch_size, threads=settings.threads, repeats=per_round,
+                            warmup=settings.warmup, device=settings.device)
+    times: list[list[float]] = [[] for _ in prepared]
+    with _threads(settings.threads):
+        for r in range(rounds):
+            for i, model in enumerate(prepared):
+                times[i] += _time_callable(model, x, chunk if r == 0 else replace(chunk, warmup=1))
+    results = []
+    for t in times:
+        q = np.percentile(t, [10, 90])
+        results.append(LatencyMeasurement(
+            median_ms=statistics.median(t), p10_ms=float(q[0]), p90_ms=float(q[1]), repeats=len(t),
+            batch_size=settings.batch_size, threads=settings.threads, device=settings.device,
+        ))
+    return results
+
+
 # ----------------------------------------------------------------------------------------------
 # Lookup-table predictor
 
@@ -162,7 +196,12 @@ class _Layer:
 
 @dataclass(frozen=True)
 class PredictorCheck:
-    """Predicted against measured latency on sampled plans."""
+    """Predicted against measured latency on sampled plans.
+
+    ``measured_ms`` are rescaled by how much the dense model's latency drifted since the
+    predictor was calibrated (both timed in the same round-robin), so the check compares like
+    with like on a machine whose speed wanders.
+    """
 
     predicted_ms: tuple[float, ...]
     measured_ms: tuple[float, ...]
@@ -389,11 +428,11 @@ def build_predictor(
         calibration_plans = [
             {g.name: max(1, round(g.channels * f)) for g in profile.groups} for f in (0.75, 0.5, 0.25)
         ]
-    measured, raw = [], []
-    for kept in [{}, *calibration_plans]:
-        pruned = pruning.prune_copy(model, example_input, kept) if kept else model
-        measured.append(measure_latency(pruned, example_input, settings).median_ms)
-        raw.append(draft._raw(np.array([kept.get(n, c) for n, c in zip(names, dense_channels)], dtype=np.float64)))
+    plans = [{}, *calibration_plans]
+    models = [pruning.prune_copy(model, example_input, kept) if kept else model for kept in plans]
+    measured = [m.median_ms for m in measure_many(models, example_input, settings)]
+    raw = [draft._raw(np.array([kept.get(n, c) for n, c in zip(names, dense_channels)], dtype=np.float64))
+           for kept in plans]
     scale, offset = np.polyfit(raw, measured, 1) if len(set(raw)) > 1 else (measured[0] / raw[0], 0.0)
     if scale <= 0:
         scale, offset = float(np.mean(measured) / np.mean(raw)), 0.0
@@ -420,11 +459,12 @@ def with_check(
     predictor: LatencyPredictor, model: nn.Module, example_input: torch.Tensor, plans: Sequence[Mapping[str, int]]
 ) -> LatencyPredictor:
     """The predictor with its error measured on ``plans`` (kept channels per group)."""
-    predicted, measured = [], []
-    for kept in plans:
-        pruned = pruning.prune_copy(model, example_input, kept)
-        measured.append(measure_latency(pruned, example_input, predictor.settings).median_ms)
-        predicted.append(predictor.predict(kept))
+    models = [pruning.prune_copy(model, example_input, kept) for kept in plans]
+    # The dense model is timed alongside so the check is relative to the same machine state.
+    dense, *pruned = measure_many([model, *models], example_input, predictor.settings)
+    drift = dense.median_ms / predictor.dense_ms
+    measured = [m.median_ms / drift for m in pruned]
+    predicted = [predictor.predict(kept) for kept in plans]
     return LatencyPredictor(predictor.names, predictor.dense_channels, predictor.layers, predictor.tables,
                             predictor.scale, predictor.offset, predictor.dense_ms, predictor.settings,
                             PredictorCheck(tuple(predicted), tuple(measured)))

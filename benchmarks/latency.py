@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import autoprune as ap  # noqa: E402
 from _machine import machine_info  # noqa: E402
 from autoprune import pruning  # noqa: E402
-from autoprune.latency import LatencySettings, build_predictor, measure_latency  # noqa: E402
+from autoprune.latency import LatencySettings, build_predictor, measure_many  # noqa: E402
 from autoprune.task import dense_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -59,7 +59,7 @@ def _searched_plan(name: str, budget: float, trials: int, workdir: Path) -> ap.P
 
 
 def run(args: argparse.Namespace) -> dict:
-    settings = LatencySettings(batch_size=args.batch_size, threads=args.threads, repeats=args.repeats, warmup=5)
+    settings = LatencySettings(batch_size=args.batch_size, threads=args.threads, repeats=args.repeats, warmup=3)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="autoprune-latency-bench-"))
     rows = []
     for name in TASKS:
@@ -67,7 +67,6 @@ def run(args: argparse.Namespace) -> dict:
         model, x, trained = _model(name, workdir)
         profile = ap.profile_model(model, x)
         scores = pruning.channel_scores(model, x, pruning.L1Importance())
-        dense = measure_latency(model, x, settings)
         plans: list[tuple[str, float, ap.Plan]] = []
         for b in BUDGETS:
             budget = ap.Budget(flops=b)
@@ -78,10 +77,11 @@ def run(args: argparse.Namespace) -> dict:
                 plans.append(("tpe", b, searched))
         predictor = build_predictor(model, x, profile, settings, cache_dir=workdir / "latency",
                                     check_plans=[p.kept for _, _, p in plans])
-        for (kind, b, plan), predicted, measured_ms in zip(plans, predictor.check.predicted_ms, predictor.check.measured_ms):
-            pruned = pruning.prune_copy(model, x, plan.kept)
+        pruned_models = [pruning.prune_copy(model, x, plan.kept) for _, _, plan in plans]
+        dense, *measurements = measure_many([model, *pruned_models], x, settings, rounds=args.rounds)
+        for (kind, b, plan), pruned, measured, predicted, checked_ms in zip(
+                plans, pruned_models, measurements, predictor.check.predicted_ms, predictor.check.measured_ms):
             macs, _ = ap.count_macs_params(pruned, x)
-            measured = measure_latency(pruned, x, settings)
             reduction = profile.macs / macs
             speedup = dense.median_ms / measured.median_ms
             rows.append({
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> dict:
                 "dense_ms": dense.median_ms, "dense_spread_ms": dense.spread_ms,
                 "pruned_ms": measured.median_ms, "pruned_spread_ms": measured.spread_ms,
                 "speedup": speedup, "speedup_over_macs_reduction": speedup / reduction,
-                "predicted_ms": predicted, "predictor_error": abs(predicted - measured_ms) / measured_ms,
+                "predicted_ms": predicted, "predictor_error": abs(predicted - checked_ms) / checked_ms,
             })
             print(f"{name:22s} {kind:7s} flops={b:<5} MACs x{reduction:5.2f}  speedup x{speedup:5.2f}  "
                   f"({speedup / reduction:.2f} of MACs)  predictor error {rows[-1]['predictor_error']:.1%}")
@@ -109,7 +109,8 @@ def markdown(payload: dict) -> str:
     s = payload["settings"]
     lines = [
         f"Latency on {payload['machine']['cpu']} ({s['device']}, batch {s['batch_size']}, {s['threads']} thread(s), "
-        f"median of {s['repeats']}).",
+        f"median of {s['repeats']} runs per model, dense and pruned models timed round-robin so that the "
+        "machine's speed drift cancels).",
         "",
         "| task | weights | plan | MACs budget | MACs reduction | dense ms | pruned ms | speedup | speedup / MACs reduction | predictor error |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -128,7 +129,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds over dense and pruned models")
     parser.add_argument("--search-trials", type=int, default=30)
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
