@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import pruning
-from .latency import LatencySettings, measure_many
+from .latency import LatencySettings, build_predictor, measure_many
 from ._workdir import resolve_workdir
 from .errors import CheckpointError, ConfigError, PlanError, StudyError
 from .plan import Plan, check_plan_matches
@@ -281,7 +281,11 @@ def export_study(
     model = prune_and_finetune(task, plan, epochs=finetune_epochs, steps=steps, importance=importance, seed=seed,
                                show_progress=show_progress)
     bounds = space.groups.bounds(profile)
-    uniform = uniform_plan(profile, trial_budget, bounds=bounds, round_to=space.groups.round_to)
+    predictor = None
+    if trial_budget.is_latency:  # the same latency table the search used (cached under the workdir)
+        predictor = build_predictor(task.model, task.example_input, profile, latency_settings(space),
+                                    cache_dir=Path(settings.workdir) / "latency")
+    uniform = uniform_plan(profile, trial_budget, bounds=bounds, round_to=space.groups.round_to, latency=predictor)
     uniform_model = prune_and_finetune(task, uniform, epochs=finetune_epochs, steps=steps, importance=importance,
                                        seed=seed, show_progress=show_progress)
     test_loader = task.test_loader or task.val_loader

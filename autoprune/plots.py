@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-__all__ = ["score_vs_macs", "plan_ratios", "history", "pareto_indices"]
+__all__ = ["score_vs_macs", "plan_ratios", "history", "pareto_indices", "close"]
 
 
 def pareto_indices(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -42,8 +42,12 @@ def score_vs_macs(
         ax.scatter([x], [y], marker=markers.get(name, "*"), s=80, edgecolor="black", zorder=5, label=f"{name} baseline")
     if budget_fraction is not None:
         ax.axvline(budget_fraction, color="gray", ls="--", lw=1, label="budget")
-    ax.set_xlabel("MACs of pruned / dense model")
-    ax.set_ylabel("validation score")
+    return _labelled(fig, ax, "MACs of pruned / dense model", "validation score", title)
+
+
+def _labelled(fig: Figure, ax: plt.Axes, xlabel: str, ylabel: str, title: str) -> Figure:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -73,13 +77,7 @@ def history(numbers: Sequence[int], scores: Sequence[float], *, title: str) -> F
         running = max(running, s)
         best.append(running)
     ax.step(numbers, best, where="post", color="tab:red", label="best so far")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("validation score")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _labelled(fig, ax, "trial", "validation score", title)
 
 
 def close(fig: Figure) -> None:

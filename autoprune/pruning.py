@@ -63,21 +63,25 @@ class RawGroup:
     members: tuple[str, ...]
 
 
-def _execution_order(model: nn.Module, example_input: torch.Tensor) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every leaf module call of one forward pass, in call order."""
-    order: list[tuple[str, nn.Module]] = []
-    names = {m: n for n, m in model.named_modules()}
-    handles = [
-        m.register_forward_hook(lambda mod, i, o: order.append((names[mod], mod)))
-        for m in model.modules()
-        if not any(True for _ in m.children())
-    ]
+def _forward_with_hook(
+    model: nn.Module, example_input: torch.Tensor, modules: Iterable[nn.Module], hook: Callable[..., None]
+) -> None:
+    """One eval-mode forward pass with ``hook`` on ``modules``, removed afterwards whatever happens."""
+    handles = [m.register_forward_hook(hook) for m in modules]
     try:
         with torch.no_grad():
             model.eval()(example_input)
     finally:
         for h in handles:
             h.remove()
+
+
+def _execution_order(model: nn.Module, example_input: torch.Tensor) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every leaf module call of one forward pass, in call order."""
+    order: list[tuple[str, nn.Module]] = []
+    names = {m: n for n, m in model.named_modules()}
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    _forward_with_hook(model, example_input, leaves, lambda mod, i, o: order.append((names[mod], mod)))
     return order
 
 
@@ -387,12 +391,6 @@ def trace_calls(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Cal
             )
         )
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if type(m) in _KIND_BY_TYPE]
-    try:
-        with torch.no_grad():
-            model.eval()(example_input)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_with_hook(model, example_input, [m for m in model.modules() if type(m) in _KIND_BY_TYPE], hook)
     params = {name: tuple(int(d) for d in p.shape) for name, p in model.named_parameters()}
     return records, params

@@ -78,6 +78,9 @@ def test_latency_budgeted_search_measures_its_best_within_budget(workdir):
     assert measured <= 0.7 * dense_ms * 1.15
     _, _, children = mlflow_runs(workdir)
     assert all("latency_ms" in c.data.metrics for c in children)
+    report = ap.export_study(result.study_name, workdir / "exported", workdir=workdir, finetune_epochs=0,
+                             show_progress=False)
+    assert report.trial == best_trial and report.data["latency"]["speedup"] > 0
 
 
 def test_exported_formats_match_pytorch(resnet, tmp_path):
