@@ -190,7 +190,7 @@ def _print_search_result(result) -> None:  # noqa: ANN001 - SearchResult
 @app.command()
 def export(
     study: Annotated[str, typer.Option("--study", help="Study to export the best plan of.")],
-    out: Annotated[Path, typer.Option("--out", help="New directory for plan.json, model.pt, report.md/json.")],
+    out: Annotated[Path, typer.Option("--out", help="New directory for plan.json, model.pt/.pt2/.onnx, report.md/json.")],
     storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL the search used.")] = None,
     finetune_epochs: Annotated[float, typer.Option("--finetune-epochs", help="Fine-tuning epochs (cosine LR).")] = 1.0,
     schedule: Annotated[str, typer.Option("--schedule", help="oneshot, or iterative:K (K prune/fine-tune steps).")] = "oneshot",
@@ -207,7 +207,7 @@ def export(
     report = export_study(study, out, storage=storage, finetune_epochs=finetune_epochs, schedule=schedule,
                           budget=budget, workdir=workdir, data_root=data_root, tracking_uri=tracking_uri)
     console.print((report.out_dir / "report.md").read_text())
-    console.print(f"wrote {report.out_dir}: plan.json, model.pt, report.md, report.json")
+    console.print(f"wrote {report.out_dir}: {', '.join(sorted(p.name for p in report.out_dir.iterdir()))}")
 
 
 @app.command()
