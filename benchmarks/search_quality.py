@@ -58,9 +58,11 @@ def run_one(task: str, budget: float, strategy: str, seed: int, evaluations: int
     start = time.perf_counter()
     result = ap.search(_space(task), strategy=strategy, budget=f"flops={budget}", n_trials=evaluations, seed=seed,
                        study=f"{task}-{strategy}-{budget}-s{seed}", workdir=workdir, show_progress=False)
-    wall = time.perf_counter() - start
     study = optuna.load_study(study_name=result.study_name, storage=result.storage_url)
     trials = completed_trials(study)
+    # From the study's own clock, so a study finished by an earlier (killed) run reports its real cost.
+    wall = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds() \
+        if trials else time.perf_counter() - start
     seconds = [t.user_attrs["result"]["seconds"] for t in trials]
     return {"result": result, "curve": _curve(study), "wall_seconds": wall, "evaluations": len(trials),
             "evaluations_per_minute": 60.0 * len(seconds) / sum(seconds) if seconds else None}
@@ -79,6 +81,10 @@ def run(args: argparse.Namespace) -> dict:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="autoprune-quality-"))
     latency_settings = LatencySettings(batch_size=args.latency_batch, threads=1, repeats=20)
     rows, curves = [], {}
+    # Finished rows are kept in the workdir so that a killed benchmark resumes where it stopped;
+    # the Optuna studies there resume on their own.
+    done_path = workdir / "quality_rows.json"
+    done: dict[str, dict] = json.loads(done_path.read_text()) if done_path.is_file() else {}
     for task_name in args.tasks:
         task = ap.load_task(task_name, workdir=workdir)
         importance = ap.load_space(_space(task_name)).evaluation.importance
@@ -86,11 +92,17 @@ def run(args: argparse.Namespace) -> dict:
             for strategy in STRATEGIES:
                 for seed in args.seeds:
                     n = args.evaluations if strategy in SEARCHING else 1
-                    if strategy not in SEARCHING and seed != args.seeds[0]:
+                    key = f"{task_name}|{budget}|{strategy}|{seed}|{n}|{args.finetune_epochs}"
+                    if key in done:
+                        rows.append(done[key])
+                        print(f"{task_name} flops={budget} {strategy:8s} seed {seed}: done before, kept", flush=True)
+                        continue
+                    earlier = next((r for r in rows if (r["task"], r["budget"], r["strategy"]) == (task_name, budget, strategy)
+                                    and "_result" in r), None)
+                    if strategy not in SEARCHING and earlier is not None:
                         # uniform/global plans do not depend on the seed: search once, fine-tune per seed
-                        found = next(r for r in rows if (r["task"], r["budget"], r["strategy"]) == (task_name, budget, strategy))
-                        outcome = {"result": found["_result"], "curve": found["curve"], "wall_seconds": found["search_wall_seconds"],
-                                   "evaluations": 1, "evaluations_per_minute": found["evaluations_per_minute"]}
+                        outcome = {"result": earlier["_result"], "curve": earlier["curve"], "wall_seconds": earlier["search_wall_seconds"],
+                                   "evaluations": 1, "evaluations_per_minute": earlier["evaluations_per_minute"]}
                     else:
                         outcome = run_one(task_name, budget, strategy, seed, n, workdir)
                     result = outcome["result"]
@@ -108,13 +120,15 @@ def run(args: argparse.Namespace) -> dict:
                         "_result": result,
                     }
                     rows.append(row)
+                    done[key] = {k: v for k, v in row.items() if k != "_result"}
+                    done_path.write_text(json.dumps(done, indent=1))
                     print(f"{task_name} flops={budget} {strategy:8s} seed {seed}: val {row['best_val_score']:.4f} "
                           f"test {test_score:.4f} MACs {row['macs_ratio']:.3f} ({row['search_wall_seconds']:.0f} s search)",
                           flush=True)
             curves[(task_name, budget)] = {s: [r["curve"] for r in rows if (r["task"], r["budget"], r["strategy"]) ==
                                                (task_name, budget, s)] for s in SEARCHING}
     for r in rows:
-        r.pop("_result")
+        r.pop("_result", None)
     return {"rows": rows, "curves": curves, "workdir": str(workdir), "latency_settings": latency_settings.to_dict()}
 
 
