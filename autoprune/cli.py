@@ -80,6 +80,10 @@ def profile(
         table.add_row(str(i), g.name, str(g.channels), f"{g.macs_share:.1%}", members)
     console.print(table)
     console.print(f"never pruned: {', '.join(prof.ignored_layers) or '-'} (and the input layer's input channels)")
+    from .latency import simd_round_to
+
+    console.print(f"this CPU computes channels in blocks of {simd_round_to('cpu')}: for real speedups on it, search "
+                  f"with `groups: {{round_to: {simd_round_to('cpu')}}}` (see README, Latency).")
 
 
 @app.command()

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from . import pruning
-from .latency import LatencySettings, build_predictor, measure_many
+from .latency import LatencySettings, build_predictor, measure_many, measure_onnx_many, simd_round_to
 from ._workdir import resolve_workdir
 from .errors import CheckpointError, ConfigError, PlanError, StudyError
 from .plan import Plan, check_plan_matches
@@ -29,7 +28,7 @@ from .task import Task
 
 __all__ = [
     "PRUNED_FORMAT", "save_pruned", "load_pruned", "export_study", "ExportReport", "prune_and_finetune",
-    "write_deployables", "onnx_runtime_latency",
+    "write_deployables", "write_onnx",
 ]
 
 PRUNED_FORMAT = "autoprune.pruned/1"
@@ -177,10 +176,7 @@ def write_deployables(
     except Exception as exc:  # an exotic user model torch.export cannot trace
         formats["torch_export"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
     try:
-        import onnx  # noqa: F401  (torch.onnx needs it)
-
-        torch.onnx.export(model, (batch,), str(out_dir / "model.onnx"), input_names=["input"],
-                          output_names=["output"], dynamo=True, verbose=False, dynamic_shapes=dynamic)
+        write_onnx(model, batch, out_dir / "model.onnx")
         formats["onnx"] = {"file": "model.onnx"}
     except ImportError:
         formats["onnx"] = {"error": "onnx is not installed (pip install 'autoprune[onnx]')"}
@@ -200,26 +196,35 @@ def write_deployables(
     return formats
 
 
-def onnx_runtime_latency(path: Path, example_input: torch.Tensor, settings: LatencySettings) -> float | None:
-    """Median ms per batch of an ONNX model under ONNX Runtime (CPU), or None without onnxruntime."""
+def write_onnx(model: nn.Module, batch: torch.Tensor, path: Path) -> None:
+    """Write ``model`` as ONNX with a dynamic batch dimension (input ``input``, output ``output``).
+
+    Raises ImportError without the ``onnx`` extra.
+    """
+    import onnx  # noqa: F401  (torch.onnx needs it)
+
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=65536)},)
+    torch.onnx.export(model.eval(), (batch,), str(path), input_names=["input"], output_names=["output"],
+                      dynamo=True, verbose=False, dynamic_shapes=dynamic)
+
+
+def _onnx_runtime_latency(dense: nn.Module, pruned_onnx: Path, example_input: torch.Tensor,
+                          settings: LatencySettings) -> dict[str, float] | dict[str, str]:
+    """Dense and pruned latency under ONNX Runtime, timed round-robin, or why it was not measured."""
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
     except ImportError:
-        return None
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    x = example_input.expand(settings.batch_size, *example_input.shape[1:]).contiguous().numpy()
-    for _ in range(settings.warmup):
-        session.run(None, {name: x})
-    times = []
-    for _ in range(settings.repeats):
-        start = time.perf_counter()
-        session.run(None, {name: x})
-        times.append((time.perf_counter() - start) * 1000)
-    return float(np.median(times))
+        return {"error": "onnxruntime is not installed (pip install 'autoprune[onnx]')"}
+    if settings.device != "cpu":
+        return {"error": "ONNX Runtime latency is measured on the CPU only"}
+    with tempfile.TemporaryDirectory(prefix="autoprune-dense-onnx-") as tmp:
+        dense_onnx = Path(tmp) / "dense.onnx"
+        try:
+            write_onnx(dense, torch.randn(2, *example_input.shape[1:]), dense_onnx)
+        except Exception as exc:
+            return {"error": f"the dense model could not be exported: {type(exc).__name__}"}
+        dense_ms, pruned_ms = (m.median_ms for m in measure_onnx_many([dense_onnx, pruned_onnx], example_input, settings))
+    return {"dense_ms": dense_ms, "pruned_ms": pruned_ms, "speedup": dense_ms / pruned_ms}
 
 
 def export_study(
@@ -314,7 +319,10 @@ def export_study(
         "pruned_ms": pruned_latency.median_ms, "pruned_spread_ms": pruned_latency.spread_ms,
         "speedup": dense_latency.median_ms / pruned_latency.median_ms,
         "macs_reduction": dense_macs / macs,
+        "simd_channels": simd_round_to(settings.device),
     }
+    data["latency"]["unaligned_groups"] = sorted(
+        name for name, kept in plan.kept.items() if kept % data["latency"]["simd_channels"])
     plan = plan.with_metrics(**{f"{split}_score_finetuned": data["pruned"]["score"]})
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -324,9 +332,7 @@ def export_study(
         save_pruned(model, plan, tmp / "model.pt")
         data["formats"] = write_deployables(model, x, tmp)
         if "file" in data["formats"]["onnx"]:
-            ort_ms = onnx_runtime_latency(tmp / "model.onnx", x, settings)
-            if ort_ms is not None:
-                data["latency"]["onnxruntime_ms"] = ort_ms
+            data["latency"]["onnxruntime"] = _onnx_runtime_latency(task.model, tmp / "model.onnx", x, settings)
         (tmp / "report.json").write_text(json.dumps(data, indent=2) + "\n")
         (tmp / "report.md").write_text(_report_markdown(data))
         if out_dir.exists():
@@ -350,7 +356,9 @@ def export_study(
                                      f"export_{split}_score_dense": data["dense"]["score"],
                                      "export_latency_ms_dense": data["latency"]["dense_ms"],
                                      "export_latency_ms_pruned": data["latency"]["pruned_ms"],
-                                     "export_speedup": data["latency"]["speedup"]})
+                                     "export_speedup": data["latency"]["speedup"],
+                                     **({"export_speedup_onnxruntime": ort["speedup"]}
+                                        if "speedup" in (ort := data["latency"].get("onnxruntime", {})) else {})})
     return ExportReport(out_dir=out_dir, plan=plan, trial=best.number, data=data)
 
 
@@ -384,9 +392,20 @@ def _report_markdown(d: dict[str, Any]) -> str:
             f"| dense | {lat['dense_ms']:.3f} | {lat['dense_spread_ms']:.3f} |",
             f"| pruned | {lat['pruned_ms']:.3f} | {lat['pruned_spread_ms']:.3f} |",
         ]
-        if "onnxruntime_ms" in lat:
-            lines.append(f"| pruned, ONNX Runtime | {lat['onnxruntime_ms']:.3f} | |")
-        lines += ["", f"Measured speedup {lat['speedup']:.2f}x for a {lat['macs_reduction']:.2f}x MACs reduction.", ""]
+        ort = lat.get("onnxruntime", {})
+        if "pruned_ms" in ort:
+            lines += [f"| dense, ONNX Runtime | {ort['dense_ms']:.3f} | |", f"| pruned, ONNX Runtime | {ort['pruned_ms']:.3f} | |"]
+        lines += ["", f"Measured speedup {lat['speedup']:.2f}x (PyTorch)"
+                  + (f", {ort['speedup']:.2f}x (ONNX Runtime)" if "speedup" in ort else "")
+                  + f" for a {lat['macs_reduction']:.2f}x MACs reduction."]
+        if "error" in ort:
+            lines.append(f"ONNX Runtime latency not measured: {ort['error']}.")
+        if lat.get("unaligned_groups"):
+            lines.append(
+                f"{len(lat['unaligned_groups'])} group(s) keep a channel count that is not a multiple of "
+                f"{lat['simd_channels']}, this device's vector width; kernels pad them, so their MACs cut buys "
+                f"less time. Search with `groups: {{round_to: {lat['simd_channels']}}}` for a faster model.")
+        lines.append("")
     formats = d.get("formats") or {}
     for name, info in formats.items():
         if "file" in info:

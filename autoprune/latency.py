@@ -36,6 +36,8 @@ __all__ = [
     "LatencyMeasurement",
     "measure_latency",
     "measure_many",
+    "measure_onnx_many",
+    "simd_round_to",
     "LatencyPredictor",
     "build_predictor",
     "PredictorCheck",
@@ -115,7 +117,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time_callable(fn: Any, x: torch.Tensor, settings: LatencySettings) -> list[float]:
+def _time_callable(fn: Any, x: Any, settings: LatencySettings) -> list[float]:
+    """``settings.warmup`` untimed then ``settings.repeats`` timed calls of ``fn(x)``, in ms."""
     with torch.inference_mode():
         for _ in range(settings.warmup):
             fn(x)
@@ -129,20 +132,37 @@ def _time_callable(fn: Any, x: torch.Tensor, settings: LatencySettings) -> list[
     return times
 
 
+def _summary(times: Sequence[float], settings: LatencySettings) -> LatencyMeasurement:
+    q = np.percentile(times, [10, 90])
+    return LatencyMeasurement(
+        median_ms=statistics.median(times), p10_ms=float(q[0]), p90_ms=float(q[1]), repeats=len(times),
+        batch_size=settings.batch_size, threads=settings.threads, device=settings.device,
+    )
+
+
+def _batch(example_input: torch.Tensor, settings: LatencySettings) -> torch.Tensor:
+    """A batch of ``settings.batch_size`` shaped like ``example_input`` (whose batch dim is replaced)."""
+    return example_input.expand(settings.batch_size, *example_input.shape[1:]).contiguous().to(settings.device)
+
+
 def measure_latency(
     model: nn.Module, example_input: torch.Tensor, settings: LatencySettings = LatencySettings()
 ) -> LatencyMeasurement:
     """Time ``model`` on a batch shaped like ``example_input`` (batch dim replaced by the setting)."""
-    device = torch.device(settings.device)
-    model = model.eval().to(device)
-    x = example_input.expand(settings.batch_size, *example_input.shape[1:]).contiguous().to(device)
+    model = model.eval().to(torch.device(settings.device))
     with _threads(settings.threads):
-        times = _time_callable(model, x, settings)
-    q = np.percentile(times, [10, 90])
-    return LatencyMeasurement(
-        median_ms=statistics.median(times), p10_ms=float(q[0]), p90_ms=float(q[1]), repeats=settings.repeats,
-        batch_size=settings.batch_size, threads=settings.threads, device=settings.device,
-    )
+        return _summary(_time_callable(model, _batch(example_input, settings), settings), settings)
+
+
+def _round_robin(fns: Sequence[Any], x: Any, settings: LatencySettings, rounds: int) -> list[LatencyMeasurement]:
+    """Time every callable in turn, ``rounds`` times over, so the machine's speed drift hits all alike."""
+    per_round = max(1, math.ceil(settings.repeats / rounds))
+    chunk = replace(settings, repeats=per_round)
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        for i, fn in enumerate(fns):
+            times[i] += _time_callable(fn, x, chunk if r == 0 else replace(chunk, warmup=1))
+    return [_summary(t, settings) for t in times]
 
 
 def measure_many(
@@ -157,24 +177,54 @@ def measure_many(
     and spread are over all its runs.
     """
     device = torch.device(settings.device)
-    x = example_input.expand(settings.batch_size, *example_input.shape[1:]).contiguous().to(device)
     prepared = [m.eval().to(device) for m in models]
-    per_round = max(1, math.ceil(settings.repeats / rounds))
-    chunk = LatencySettings(batch_size=settings.batch_size, threads=settings.threads, repeats=per_round,
-                            warmup=settings.warmup, device=settings.device)
-    times: list[list[float]] = [[] for _ in prepared]
     with _threads(settings.threads):
-        for r in range(rounds):
-            for i, model in enumerate(prepared):
-                times[i] += _time_callable(model, x, chunk if r == 0 else replace(chunk, warmup=1))
-    results = []
-    for t in times:
-        q = np.percentile(t, [10, 90])
-        results.append(LatencyMeasurement(
-            median_ms=statistics.median(t), p10_ms=float(q[0]), p90_ms=float(q[1]), repeats=len(t),
-            batch_size=settings.batch_size, threads=settings.threads, device=settings.device,
-        ))
-    return results
+        return _round_robin(prepared, _batch(example_input, settings), settings, rounds)
+
+
+def measure_onnx_many(
+    paths: Sequence[str | os.PathLike[str]], example_input: torch.Tensor,
+    settings: LatencySettings = LatencySettings(), *, rounds: int = 5,
+) -> list[LatencyMeasurement]:
+    """Time ONNX models under ONNX Runtime's CPU provider, round-robin like :func:`measure_many`.
+
+    ONNX Runtime fuses BatchNorm and activations into the convolutions and packs channels into
+    SIMD-wide blocks, so this is the latency a CPU deployment sees. ``settings.threads`` sets
+    the intra-op threads. Raises :class:`ConfigError` without onnxruntime or for a CUDA setting.
+    """
+    if settings.device != "cpu":
+        raise ConfigError("ONNX Runtime latency is measured on the CPU only; use latency.device cpu.")
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ConfigError("onnxruntime is not installed; pip install 'autoprune[onnx]'.") from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.threads
+    options.inter_op_num_threads = 1
+    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in paths]
+    runners = [(lambda x, s=s, name=s.get_inputs()[0].name: s.run(None, {name: x})) for s in sessions]
+    return _round_robin(runners, _batch(example_input, settings).numpy(), settings, rounds)
+
+
+def simd_round_to(device: str = "cpu") -> int:
+    """The channel multiple that fills the device's float32 vector lanes: a ``round_to`` for fast plans.
+
+    oneDNN and ONNX Runtime pad channels to whole SIMD registers, so on an AVX-512 CPU a layer
+    cut from 16 to 11 channels still computes 16: MACs fall, time does not. 16 for AVX-512, 8
+    for AVX/AVX2 and for CUDA (tensor cores), 4 otherwise (SSE, NEON).
+    """
+    if device == "cuda":
+        return 8
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if "avx512f" in flags:
+        return 16
+    if "avx2" in flags or "avx" in flags:
+        return 8
+    return 4
 
 
 # ----------------------------------------------------------------------------------------------

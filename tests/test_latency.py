@@ -6,8 +6,15 @@ import torch
 from conftest import REPO, mlflow_runs
 
 import autoprune as ap
-from autoprune.export import write_deployables
-from autoprune.latency import LatencySettings, build_predictor, measure_latency, with_check
+from autoprune.export import write_deployables, write_onnx
+from autoprune.latency import (
+    LatencySettings,
+    build_predictor,
+    measure_latency,
+    measure_onnx_many,
+    simd_round_to,
+    with_check,
+)
 from autoprune.task import dense_model
 
 SPACE = str(REPO / "search_spaces" / "default.yaml")
@@ -92,3 +99,21 @@ def test_exported_formats_match_pytorch(resnet, tmp_path):
     program = torch.export.load(tmp_path / "model.pt2").module()
     batch = torch.randn(3, *x.shape[1:])
     torch.testing.assert_close(program(batch), pruned(batch), atol=1e-4, rtol=1e-4)
+
+
+def test_onnx_runtime_models_are_timed_round_robin(resnet, tmp_path):
+    model, x, prof = resnet
+    pruned = ap.apply_plan(model, ap.uniform_plan(prof, ap.Budget(flops=0.5), round_to=simd_round_to()), example_input=x)
+    for name, m in (("dense", model), ("pruned", pruned)):
+        write_onnx(m, torch.randn(2, *x.shape[1:]), tmp_path / f"{name}.onnx")
+    settings = LatencySettings(batch_size=4, threads=1, repeats=6, warmup=1)
+    measured = measure_onnx_many([tmp_path / "dense.onnx", tmp_path / "pruned.onnx"], x, settings, rounds=3)
+    assert [m.repeats for m in measured] == [6, 6]
+    assert all(0 < m.p10_ms <= m.median_ms <= m.p90_ms for m in measured)
+
+
+def test_simd_round_to_matches_this_cpu():
+    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    expected = 16 if "avx512f" in flags else 8 if ("avx2" in flags or "avx" in flags) else 4
+    assert simd_round_to("cpu") == expected
+    assert simd_round_to("cuda") == 8

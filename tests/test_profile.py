@@ -1,6 +1,9 @@
+import json
+
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 import autoprune as ap
 from autoprune import models, pruning
@@ -81,3 +84,15 @@ def test_group_shares_and_fingerprint(resnet20_profile):
 def test_profile_rejects_batched_example_input():
     with pytest.raises(ap.ConfigError, match="batch size 1"):
         ap.profile_model(models.DigitsCNN(), torch.zeros(4, 1, 8, 8))
+
+
+def test_profile_cli_prints_table_json_and_the_cpu_channel_block():
+    from autoprune.latency import simd_round_to
+
+    table = run_cli("profile", "--task", "fashionmnist-resnet20")
+    assert table.returncode == 0, table.stderr
+    assert "layer3.0.conv1" in table.stdout and f"blocks of {simd_round_to()}" in table.stdout
+    as_json = run_cli("profile", "--task", "fashionmnist-resnet20", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    data = json.loads(as_json.stdout)
+    assert len(data["groups"]) == len(ap.profile_model(*dense_model("fashionmnist-resnet20", pretrained=False)).groups)

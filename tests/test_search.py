@@ -148,6 +148,12 @@ def test_export_then_apply(workdir, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["pruned"]["macs_ratio"] <= 0.5 and report["uniform"]["macs_ratio"] <= 0.5
     assert 0.5 < report["pruned"]["score"] <= 1.0
+    ort = report["latency"]["onnxruntime"]  # onnxruntime is in the dev extra
+    assert ort["dense_ms"] > 0 and ort["pruned_ms"] > 0 and ort["speedup"] == pytest.approx(ort["dense_ms"] / ort["pruned_ms"])
+    simd = report["latency"]["simd_channels"]
+    channels = json.loads((out / "plan.json").read_text())["channels"]
+    assert report["latency"]["unaligned_groups"] == sorted(n for n, (_, kept) in channels.items() if kept % simd)
+    assert "ONNX Runtime" in (out / "report.md").read_text()
     applied = run_cli("apply", "--plan", str(out / "plan.json"), "--out", str(tmp_path / "p.pt"), "--workdir", str(workdir))
     assert applied.returncode == 0, applied.stderr
     task = ap.load_task("digits-cnn", workdir=workdir)
