@@ -77,6 +77,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _key(task: str, budget: float, strategy: str, seed: int, args: argparse.Namespace) -> str:
+    n = args.evaluations if strategy in SEARCHING else 1
+    return f"{task}|{budget}|{strategy}|{seed}|{n}|{args.finetune_epochs}"
+
+
 def run(args: argparse.Namespace) -> dict:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="autoprune-quality-"))
     latency_settings = LatencySettings(batch_size=args.latency_batch, threads=1, repeats=20)
@@ -89,10 +94,14 @@ def run(args: argparse.Namespace) -> dict:
         task = ap.load_task(task_name, workdir=workdir)
         importance = ap.load_space(_space(task_name)).evaluation.importance
         for budget in args.budgets:
-            for strategy in STRATEGIES:
-                for seed in args.seeds:
+            # Seeds outermost: a run stopped early (or summarized with --cached-only) still compares
+            # every strategy on the same seeds.
+            for seed in args.seeds:
+                if args.cached_only and not all(_key(task_name, budget, s, seed, args) in done for s in STRATEGIES):
+                    continue
+                for strategy in STRATEGIES:
                     n = args.evaluations if strategy in SEARCHING else 1
-                    key = f"{task_name}|{budget}|{strategy}|{seed}|{n}|{args.finetune_epochs}"
+                    key = _key(task_name, budget, strategy, seed, args)
                     if key in done:
                         rows.append(done[key])
                         print(f"{task_name} flops={budget} {strategy:8s} seed {seed}: done before, kept", flush=True)
@@ -139,6 +148,8 @@ def summarize(raw: dict, args: argparse.Namespace) -> dict:
         for budget in args.budgets:
             for strategy in STRATEGIES:
                 sel = [r for r in rows if (r["task"], r["budget"], r["strategy"]) == (task, budget, strategy)]
+                if not sel:  # --cached-only with no seed finished at this budget
+                    continue
                 val_m, val_s = _mean_std([r["best_val_score"] for r in sel])
                 test_m, test_s = _mean_std([r["test_score_finetuned"] for r in sel])
                 table.append({
@@ -155,6 +166,8 @@ def summarize(raw: dict, args: argparse.Namespace) -> dict:
     for task in args.tasks:
         for budget in args.budgets:
             get = {t["strategy"]: t for t in table if (t["task"], t["budget"]) == (task, budget)}
+            if not get:
+                continue
             need = 0.5 if budget >= 0.5 else 1.0
             gap_uniform = 100 * (get["optuna"]["test_mean"] - get["uniform"]["test_mean"])
             gap_global = 100 * (get["optuna"]["test_mean"] - get["global"]["test_mean"])
@@ -165,7 +178,7 @@ def summarize(raw: dict, args: argparse.Namespace) -> dict:
                 hit = next((i + 1 for i, v in enumerate(curve) if v >= target), None)
                 reach.append(hit)
             verdicts.append({
-                "task": task, "budget": budget,
+                "task": task, "budget": budget, "seeds": get["optuna"]["seeds"],
                 "tpe_minus_uniform_points": gap_uniform, "tpe_minus_global_points": gap_global,
                 "target_uniform_points": need, "meets_uniform_target": gap_uniform >= need,
                 "meets_global_target": gap_global >= 0,
@@ -178,6 +191,8 @@ def summarize(raw: dict, args: argparse.Namespace) -> dict:
 def plot_curves(raw: dict, workdir: Path) -> list[Path]:
     paths = []
     for (task, budget), by_strategy in raw["curves"].items():
+        if not any(by_strategy.values()):
+            continue
         fig, ax = plots.plt.subplots(figsize=(6.4, 4.2))
         for strategy, curves in by_strategy.items():
             if not curves:
@@ -210,22 +225,22 @@ def markdown(summary: dict, payload: dict) -> str:
     lines = [
         f"Measured on {m['cpu']} ({m['cores']} cores, torch {m['versions']['torch']}), {payload['date']}. "
         f"{payload['settings']['evaluations']} candidate evaluations per searching strategy, seeds "
-        f"{payload['settings']['seeds']}, each best plan fine-tuned {payload['settings']['finetune_epochs']} epoch(s) "
+        f"{payload['settings']['seeds']} (the seeds column says how many finished for every strategy), each best plan fine-tuned {payload['settings']['finetune_epochs']} epoch(s) "
         "with the same recipe; test split used only for this table. Mean ± std over seeds.",
         "",
-        "| task | MACs budget | strategy | best val score | test acc. after fine-tuning | MACs ratio | latency ms | evaluations | search wall s | evals/min |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| task | MACs budget | strategy | seeds | best val score | test acc. after fine-tuning | MACs ratio | latency ms | evaluations | search wall s | evals/min |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for t in summary["table"]:
         lines.append(
-            f"| {t['task']} | {t['budget']} | {t['strategy']} | {t['val_mean']:.4f} ± {t['val_std']:.4f} | "
+            f"| {t['task']} | {t['budget']} | {t['strategy']} | {t['seeds']} | {t['val_mean']:.4f} ± {t['val_std']:.4f} | "
             f"{100 * t['test_mean']:.2f} ± {100 * t['test_std']:.2f} | {t['macs_ratio']:.3f} | {t['latency_ms']:.2f} | "
             f"{t['evaluations']} | {t['wall_seconds']:.0f} | {t['evaluations_per_minute']:.0f} |"
         )
     lines += ["", "Targets, as measured (no tuning on the test split):", ""]
     for v in summary["verdicts"]:
         lines.append(
-            f"- {v['task']} flops={v['budget']}: TPE − uniform = {v['tpe_minus_uniform_points']:+.2f} points "
+            f"- {v['task']} flops={v['budget']} ({v['seeds']} seed(s)): TPE − uniform = {v['tpe_minus_uniform_points']:+.2f} points "
             f"(target ≥ {v['target_uniform_points']}: {'met' if v['meets_uniform_target'] else 'NOT met'}); "
             f"TPE − global = {v['tpe_minus_global_points']:+.2f} points ({'met' if v['meets_global_target'] else 'NOT met'}); "
             f"evaluations TPE needs to reach RL's final best: {v['tpe_evaluations_to_reach_rl_final']} of {v['evaluations']} "
@@ -246,6 +261,8 @@ def main() -> None:
     parser.add_argument("--latency-batch", type=int, default=32)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cached-only", action="store_true",
+                        help="summarize the seeds that finished for every strategy in --workdir; run nothing new")
     args = parser.parse_args()
     if args.quick:
         args.tasks, args.budgets, args.seeds, args.evaluations, args.finetune_epochs = ["digits-cnn"], [0.5], [0, 1], 20, 2.0
