@@ -83,6 +83,10 @@ def train_model(
     Returns the model, left in eval mode.
     """
     torch.manual_seed(seed)
+    if isinstance(loader, DataLoader) and loader.generator is not None:
+        # A task's loader keeps one shuffling generator for its lifetime; without this, the batch
+        # order (and the result) would depend on how often the loader was iterated before.
+        loader.generator.manual_seed(seed)
     loss_fn = loss_fn or nn.functional.cross_entropy
     device = _device_of(model)
     steps_per_epoch = len(loader)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import autoprune as ap
+from autoprune.export import prune_and_finetune
 from autoprune.task import load_state_dict
 
 
@@ -60,3 +61,13 @@ def test_checkpoints_must_be_plain_state_dicts(tmp_path):
     torch.save(torch.nn.Linear(2, 2), module)
     with pytest.raises(ap.CheckpointError):
         load_state_dict(module)
+
+
+def test_finetuning_is_reproducible_whatever_ran_before(digits_task):
+    plan = ap.uniform_plan(ap.profile_model(digits_task), ap.Budget(flops=0.5))
+    first = prune_and_finetune(digits_task, plan, epochs=0.5, seed=3, show_progress=False)
+    for _ in digits_task.train_loader:  # advance the loader's shuffling, as an earlier fine-tune would
+        pass
+    second = prune_and_finetune(digits_task, plan, epochs=0.5, seed=3, show_progress=False)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
