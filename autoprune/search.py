@@ -51,6 +51,8 @@ from .study import (
     completed_trials,
     create_or_resume_study,
     default_storage_url,
+    fail_stale_trials,
+    heartbeat_interval,
     open_storage,
     reap_dead_local_trials,
     redact,
@@ -197,21 +199,13 @@ class _Stop:
             signal.signal(signal.SIGINT, previous)
 
 
-def _heartbeat_interval(study: optuna.Study) -> float | None:
-    """Seconds between heartbeats, or None when the storage has them off (Optuna wraps RDB
-    storages in a cache that forwards the heartbeat methods, not the attributes)."""
-    get = getattr(study._storage, "get_heartbeat_interval", None)
-    interval = get() if callable(get) else None
-    return float(interval) if interval else None
-
-
 class _Heartbeat:
     """Refreshes a running trial's heartbeat so other workers do not take it for dead."""
 
     def __init__(self, study: optuna.Study, trial_id: int) -> None:
         self.storage = study._storage
         self.trial_id = trial_id
-        self.interval = _heartbeat_interval(study)
+        self.interval = heartbeat_interval(study)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -284,8 +278,7 @@ class _Session(SearchContext):
     def ask(self, fixed_params: Mapping[str, float] | None = None) -> optuna.Trial | None:
         if self._stop.event.is_set():
             return None
-        if _heartbeat_interval(self._study):
-            optuna.storages.fail_stale_trials(self._study)
+        fail_stale_trials(self._study)
         if fixed_params is None:
             return self._slots.ask()
         values = {n: min(max(float(fixed_params[n]), lo), hi) for n, (lo, hi) in self.dimensions.items()}

@@ -8,6 +8,8 @@ new trial only while fewer than the requested number are finished or running.
 
 from __future__ import annotations
 
+import copy
+import datetime
 import json
 import os
 import socket
@@ -194,6 +196,47 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def heartbeat_interval(study: optuna.Study) -> float | None:
+    """Seconds between heartbeats, or None when the storage has them off (Optuna wraps RDB
+    storages in a cache that forwards the heartbeat methods, not the attributes)."""
+    get = getattr(study._storage, "get_heartbeat_interval", None)
+    interval = get() if callable(get) else None
+    return float(interval) if interval else None
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Fail trials of dead workers elsewhere: Optuna's heartbeat check, plus the trials it misses.
+
+    Optuna only judges trials that have a heartbeat; a worker killed between creating its trial
+    and its first heartbeat leaves a trial RUNNING forever, and holding a slot. :meth:`TrialSlots.ask`
+    records the first heartbeat, then names the worker; a RUNNING trial with no worker, older
+    than the grace period (``AUTOPRUNE_HEARTBEAT_GRACE``, by the trial's start time, so clocks
+    of the machines must agree to well within it) never had a heartbeat and is failed too, with
+    the storage's retry callback like any stale trial.
+    """
+    if not heartbeat_interval(study):
+        return
+    optuna.storages.fail_stale_trials(study)
+    storage = study._storage
+    grace = _heartbeat_setting("AUTOPRUNE_HEARTBEAT_GRACE", 60)
+    now = datetime.datetime.now()
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if ATTR_WORKER in trial.user_attrs or trial.datetime_start is None:
+            continue
+        if (now - trial.datetime_start).total_seconds() <= grace:
+            continue
+        try:
+            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                failed.append(trial._trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker failed it first
+    callback = storage.get_heartbeat_stale_trial_callback()
+    if callback is not None:
+        for trial_id in failed:
+            callback(study, copy.deepcopy(storage.get_trial(trial_id)))
+
+
 def reap_dead_local_trials(study: optuna.Study, *, retry: bool = True) -> list[FrozenTrial]:
     """Fail RUNNING trials whose worker process on this host is gone; re-enqueue their candidates.
 
@@ -246,6 +289,8 @@ class TrialSlots:
         if fixed_params is not None:
             self.study.enqueue_trial(dict(fixed_params))
         trial = self.study.ask(dict(distributions) if distributions else None)
+        if heartbeat_interval(self.study):  # before anything else: see fail_stale_trials
+            self.study._storage.record_heartbeat(trial._trial_id)
         trial.set_user_attr(ATTR_WORKER, worker_id())
         before = [
             t for t in self.study.get_trials(deepcopy=False, states=self._COUNTED) if t.number < trial.number

@@ -13,7 +13,7 @@ import yaml
 from conftest import REPO, mlflow_runs
 from optuna.trial import TrialState
 
-from autoprune.study import completed_trials
+from autoprune.study import ATTR_WORKER, TrialSlots, completed_trials, fail_stale_trials, open_storage
 
 
 def _slow_space(tmp_path: Path, steps: int = 40) -> Path:
@@ -150,3 +150,25 @@ def test_heartbeat_fails_a_dead_remote_workers_trial_and_retries_it(workdir, tmp
     complete = completed_trials(study)
     assert len(complete) == 6
     assert any(t.system_attrs.get("failed_trial") == dead[0] for t in complete)
+
+
+def test_a_worker_killed_before_its_first_heartbeat_does_not_hold_a_slot(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOPRUNE_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("AUTOPRUNE_HEARTBEAT_GRACE", "1")
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat=True)
+    study = optuna.create_study(study_name="silent", storage=storage, direction="maximize")
+    # What a worker leaves when killed right after creating its trial: RUNNING, no heartbeat, no name.
+    orphan = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    slots = TrialSlots(study, n_trials=2)
+    named = slots.ask(distributions={"x": optuna.distributions.FloatDistribution(0, 1)})
+    assert ATTR_WORKER in study.trials[named.number].user_attrs and slots.remaining() == 0
+    fail_stale_trials(study)  # within the grace period: nothing happens
+    assert study.trials[orphan.number].state == TrialState.RUNNING
+    time.sleep(1.5)
+    study.tell(named, 0.5)
+    fail_stale_trials(study)
+    states = {t.number: t.state for t in study.trials}
+    assert states[orphan.number] == TrialState.FAIL and states[named.number] == TrialState.COMPLETE
+    retried = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert [t.system_attrs.get("failed_trial") for t in retried] == [orphan.number]
+    assert slots.remaining() == 1
