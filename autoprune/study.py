@@ -95,6 +95,11 @@ def _heartbeat_setting(name: str, default: int) -> int:
     return int(value)
 
 
+def _grace_seconds() -> int:
+    """Silence after which another worker takes a running trial's worker for dead."""
+    return _heartbeat_setting("AUTOPRUNE_HEARTBEAT_GRACE", 60)
+
+
 def open_storage(url: str, *, heartbeat: bool = False, retry_failed: bool = True) -> optuna.storages.BaseStorage:
     """An Optuna RDB storage for ``url``, with a clear error when it cannot be reached.
 
@@ -108,7 +113,7 @@ def open_storage(url: str, *, heartbeat: bool = False, retry_failed: bool = True
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     if heartbeat:
         kwargs.update(heartbeat_interval=_heartbeat_setting("AUTOPRUNE_HEARTBEAT_INTERVAL", 10),
-                      grace_period=_heartbeat_setting("AUTOPRUNE_HEARTBEAT_GRACE", 60))
+                      grace_period=_grace_seconds())
         if retry_failed:
             kwargs["heartbeat_stale_trial_callback"] = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
     attempts = 5
@@ -218,7 +223,7 @@ def fail_stale_trials(study: optuna.Study) -> None:
         return
     optuna.storages.fail_stale_trials(study)
     storage = study._storage
-    grace = _heartbeat_setting("AUTOPRUNE_HEARTBEAT_GRACE", 60)
+    grace = _grace_seconds()
     now = datetime.datetime.now()
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
