@@ -200,6 +200,9 @@ def export(
     schedule: Annotated[str, typer.Option("--schedule", help="oneshot, or iterative:K (K prune/fine-tune steps).")] = "oneshot",
     budget: Annotated[Optional[str], typer.Option("--budget", help="Pick the best trial within flops=F (Pareto searches).")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri")] = None,
+    choose: Annotated[str, typer.Option(
+        "--choose", help="Model to write: search (the search's best plan) or val (the better of it and the "
+        "uniform plan on the validation split after fine-tuning).")] = "search",
     threads: Annotated[Optional[int], typer.Option("--threads")] = None,
     workdir: WorkdirOpt = None,
     data_root: DataRootOpt = None,
@@ -209,7 +212,8 @@ def export(
 
     _set_threads(threads)
     report = export_study(study, out, storage=storage, finetune_epochs=finetune_epochs, schedule=schedule,
-                          budget=budget, workdir=workdir, data_root=data_root, tracking_uri=tracking_uri)
+                          budget=budget, workdir=workdir, data_root=data_root, tracking_uri=tracking_uri,
+                          choose=choose)
     console.print((report.out_dir / "report.md").read_text())
     console.print(f"wrote {report.out_dir}: {', '.join(sorted(p.name for p in report.out_dir.iterdir()))}")
 

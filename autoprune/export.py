@@ -27,11 +27,12 @@ from .plan import Plan, check_plan_matches
 from .task import Task
 
 __all__ = [
-    "PRUNED_FORMAT", "save_pruned", "load_pruned", "export_study", "ExportReport", "prune_and_finetune",
+    "EXPORT_CHOICES", "PRUNED_FORMAT", "save_pruned", "load_pruned", "export_study", "ExportReport", "prune_and_finetune",
     "write_deployables", "write_onnx",
 ]
 
 PRUNED_FORMAT = "autoprune.pruned/1"
+EXPORT_CHOICES = ("search", "val")
 
 
 def save_pruned(model: nn.Module, plan: Plan, path: str | os.PathLike[str]) -> Path:
@@ -238,6 +239,7 @@ def export_study(
     workdir: str | os.PathLike[str] | None = None,
     data_root: str | os.PathLike[str] | None = None,
     tracking_uri: str | None = None,
+    choose: str = "search",
     show_progress: bool = True,
 ) -> ExportReport:
     """Export a search's best feasible plan, its fine-tuned pruned model and a report.
@@ -247,6 +249,12 @@ def export_study(
     the pruned model's test-split score next to the uniform baseline's at the same budget with
     the same fine-tuning. With ``budget`` (e.g. ``flops=0.3``) the best trial at or under that
     budget is exported: how a Pareto search serves any budget.
+
+    ``choose`` says which of the two fine-tuned models is written: ``search`` (the search's best
+    plan) or ``val`` (whichever scores higher on the validation split after fine-tuning; the
+    search's plan on a tie). The search ranks candidates before fine-tuning, and on some tasks
+    fine-tuning reverses the ranking (see ``benchmarks/proxy_fidelity.py``); ``val`` guards
+    against that without reading the test split.
     """
     from .budget import Budget, uniform_plan
     from .profile import profile_model
@@ -257,6 +265,8 @@ def export_study(
     from .train import score_model
 
     steps = parse_schedule(schedule)
+    if choose not in EXPORT_CHOICES:
+        raise ConfigError(f"--choose {choose!r} is not allowed; use one of: {', '.join(EXPORT_CHOICES)}.")
     if finetune_epochs < 0:
         raise ConfigError(f"--finetune-epochs must be >= 0, got {finetune_epochs}.")
     out_dir = Path(out).resolve()
@@ -311,6 +321,14 @@ def export_study(
                     "score": score_model(uniform_model, test_loader, task.score_fn)},
     }
     data["pruned"]["score_minus_uniform"] = data["pruned"]["score"] - data["uniform"]["score"]
+    data["pruned"]["val_score_finetuned"] = score_model(model, task.val_loader, task.score_fn)
+    data["uniform"]["val_score_finetuned"] = score_model(uniform_model, task.val_loader, task.score_fn)
+    data["choose"] = choose
+    data["exported"] = "searched"
+    if choose == "val" and data["uniform"]["val_score_finetuned"] > data["pruned"]["val_score_finetuned"]:
+        data["exported"] = "uniform"
+        plan, model = uniform.with_provenance(study=study_name), uniform_model
+    exported = data["pruned"] if data["exported"] == "searched" else data["uniform"]
     settings = latency_settings(space)
     dense_latency, pruned_latency = measure_many([task.model, model], x, settings)
     data["latency"] = {
@@ -318,12 +336,13 @@ def export_study(
         "dense_ms": dense_latency.median_ms, "dense_spread_ms": dense_latency.spread_ms,
         "pruned_ms": pruned_latency.median_ms, "pruned_spread_ms": pruned_latency.spread_ms,
         "speedup": dense_latency.median_ms / pruned_latency.median_ms,
-        "macs_reduction": dense_macs / macs,
+        "macs_reduction": dense_macs / exported["macs"],
         "simd_channels": simd_round_to(settings.device),
     }
     data["latency"]["unaligned_groups"] = sorted(
         name for name, kept in plan.kept.items() if kept % data["latency"]["simd_channels"])
-    plan = plan.with_metrics(**{f"{split}_score_finetuned": data["pruned"]["score"]})
+    plan = plan.with_metrics(**{f"{split}_score_finetuned": exported["score"],
+                                "val_score_finetuned": exported["val_score_finetuned"]})
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -354,6 +373,8 @@ def export_study(
         tracker.log_metrics(run_id, {f"export_{split}_score_best": data["pruned"]["score"],
                                      f"export_{split}_score_uniform": data["uniform"]["score"],
                                      f"export_{split}_score_dense": data["dense"]["score"],
+                                     "export_val_score_best": data["pruned"]["val_score_finetuned"],
+                                     "export_val_score_uniform": data["uniform"]["val_score_finetuned"],
                                      "export_latency_ms_dense": data["latency"]["dense_ms"],
                                      "export_latency_ms_pruned": data["latency"]["pruned_ms"],
                                      "export_speedup": data["latency"]["speedup"],
@@ -369,18 +390,27 @@ def _report_markdown(d: dict[str, Any]) -> str:
         (f"searched (trial {d['trial']})", d["pruned"]["macs"], d["pruned"]["macs_ratio"], d["pruned"]["params"], d["pruned"]["score"]),
         ("uniform baseline", d["uniform"]["macs"], d["uniform"]["macs_ratio"], d["uniform"]["params"], d["uniform"]["score"]),
     ]
+    vals = ["", f"{d['pruned']['val_score_finetuned']:.4f}", f"{d['uniform']['val_score_finetuned']:.4f}"]
     lines = [
         f"# autoprune export: {d['task']}, study {d['study']}",
         "",
         f"Budget {d['budget']}; best plan from {d['strategy']}; both pruned models fine-tuned "
         f"{d['finetune_epochs']} epoch(s), schedule {d['schedule']}; scores on the {split} split. MACs as Torch-Pruning counts them.",
         "",
-        f"| model | MACs | MACs ratio | params | {split} score |",
-        "|---|---:|---:|---:|---:|",
+        f"| model | MACs | MACs ratio | params | {split} score | val score |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| {n} | {m:,.0f} | {r:.3f} | {p:,.0f} | {s:.4f} |" for n, m, r, p, s in rows]
+    lines += [f"| {n} | {m:,.0f} | {r:.3f} | {p:,.0f} | {s:.4f} | {v} |" for (n, m, r, p, s), v in zip(rows, vals)]
     diff = d["pruned"]["score_minus_uniform"]
-    lines += ["", f"Searched minus uniform: {diff:+.4f} ({'better' if diff > 0 else 'not better'} than the uniform baseline).", ""]
+    lines += ["", f"Searched minus uniform: {diff:+.4f} ({'better' if diff > 0 else 'not better'} than the uniform baseline)."]
+    if d["exported"] == "uniform":
+        lines.append("Exported: the uniform plan, which scores higher on the validation split after fine-tuning (--choose val).")
+    elif d["choose"] == "val":
+        lines.append("Exported: the searched plan, which scores at least as high on the validation split after fine-tuning.")
+    elif d["uniform"]["val_score_finetuned"] > d["pruned"]["val_score_finetuned"]:
+        lines.append("Exported: the searched plan, although the uniform plan scores higher on the validation split after "
+                     "fine-tuning; `--choose val` would export that one instead.")
+    lines.append("")
     lat = d.get("latency")
     if lat:
         s = lat["settings"]

@@ -242,6 +242,9 @@ class _Layer:
     out_dense: int
     in_grid: tuple[int, ...]
     out_grid: tuple[int, ...]
+    # Convolutions and linear layers run in blocked kernels that pad channels; PyTorch runs
+    # norms and activations on the plain layout, where every channel costs.
+    padded: bool = True
 
 
 @dataclass(frozen=True)
@@ -277,6 +280,11 @@ class LatencyPredictor:
     ``predict(kept)`` sums each layer's bilinearly interpolated time at its kept input/output
     channels, then applies ``scale * sum + offset`` fitted on fully measured models (the layers
     timed alone miss functional ops such as residual adds and Python overhead).
+
+    Channel counts are first rounded up to a multiple of ``block`` (the device's SIMD width, see
+    :func:`simd_round_to`) because the kernels pad to it: 11 channels cost what 16 cost. The table's
+    grid sits on such multiples, so aligned plans are read off measured points, not interpolated
+    between padded neighbours.
     """
 
     names: tuple[str, ...]
@@ -288,6 +296,10 @@ class LatencyPredictor:
     dense_ms: float  # measured latency of the dense model
     settings: LatencySettings
     check: PredictorCheck | None = field(default=None)
+    block: int = 1  # channels are padded to multiples of this before the table lookup
+
+    def _padded(self, channels: float) -> float:
+        return float(math.ceil(channels / self.block - 1e-9) * self.block) if self.block > 1 else channels
 
     def _raw(self, kept: np.ndarray) -> float:
         total = 0.0
@@ -295,6 +307,8 @@ class LatencyPredictor:
             table = self.tables[layer.key]
             cin = kept[layer.in_group] * layer.in_dense / self.dense_channels[layer.in_group] if layer.in_group >= 0 else layer.in_dense
             cout = kept[layer.out_group] * layer.out_dense / self.dense_channels[layer.out_group] if layer.out_group >= 0 else layer.out_dense
+            if layer.padded:
+                cin, cout = self._padded(cin), self._padded(cout)
             total += _bilinear(table, layer.in_grid, layer.out_grid, cin, cout)
         return total
 
@@ -313,6 +327,7 @@ class LatencyPredictor:
             "tables": {k: v.tolist() for k, v in self.tables.items()},
             "scale": self.scale, "offset": self.offset, "dense_ms": self.dense_ms,
             "settings": self.settings.to_dict(), "check": None if self.check is None else self.check.to_dict(),
+            "block": self.block,
         }
 
     @classmethod
@@ -326,6 +341,7 @@ class LatencyPredictor:
             scale=float(data["scale"]), offset=float(data["offset"]), dense_ms=float(data["dense_ms"]),
             settings=LatencySettings(**data["settings"]),
             check=None if check is None else PredictorCheck(tuple(check["predicted_ms"]), tuple(check["measured_ms"])),
+            block=int(data.get("block", 1)),
         )
 
 
@@ -346,8 +362,12 @@ def _bilinear(table: np.ndarray, xs: Sequence[int], ys: Sequence[int], x: float,
     return float(top * (1 - tx) + bottom * tx)
 
 
-def _grid(dense: int) -> tuple[int, ...]:
-    return tuple(sorted({max(1, round(dense * f)) for f in _GRID_FRACTIONS}))
+def _grid(dense: int, block: int = 1) -> tuple[int, ...]:
+    """Channel counts to time a layer at: fractions of ``dense``, moved up onto multiples of ``block``."""
+    points = {max(1, round(dense * f)) for f in _GRID_FRACTIONS}
+    if block > 1:
+        points = {min(dense, math.ceil(p / block) * block) for p in points} | {dense}
+    return tuple(sorted(points))
 
 
 def _standalone(call: pruning.CallRecord, module: nn.Module, cin: int, cout: int) -> tuple[nn.Module, tuple[int, ...]]:
@@ -403,7 +423,7 @@ def _quantity_keys(profile: ModelProfile) -> dict[tuple[Any, ...], int]:
     return {key: j for j, key in enumerate(profile.cost.keys)}
 
 
-def _cache_path(cache_dir: Path, profile: ModelProfile, settings: LatencySettings) -> Path:
+def _cache_path(cache_dir: Path, profile: ModelProfile, settings: LatencySettings, block: int) -> Path:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -411,7 +431,9 @@ def _cache_path(cache_dir: Path, profile: ModelProfile, settings: LatencySetting
     except OSError:
         pass
     device = torch.cuda.get_device_name() if settings.device == "cuda" else cpu
-    key = json.dumps([profile.fingerprint, list(profile.input_shape), settings.to_dict(), device, torch.__version__])
+    # Caches before the block existed hold unaligned grids, so the key changes with it.
+    key = json.dumps([profile.fingerprint, list(profile.input_shape), settings.to_dict(), device, torch.__version__,
+                      {"block": block}])
     return cache_dir / f"latency-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
 
@@ -424,14 +446,20 @@ def build_predictor(
     cache_dir: str | os.PathLike[str] | None = None,
     calibration_plans: Sequence[Mapping[str, int]] = (),
     check_plans: Sequence[Mapping[str, int]] = (),
+    block: int | None = None,
 ) -> LatencyPredictor:
     """Measure (or load from ``cache_dir``) the per-layer latency tables of ``model``.
+
+    ``block`` is the channel multiple the device's kernels pad to (default: :func:`simd_round_to`).
 
     ``calibration_plans`` (kept channels per group) are measured whole to fit the scale/offset
     correction, together with the dense model; by default uniform cuts to 75%, 50% and 25%.
     ``check_plans`` are measured whole afterwards and stored as the predictor's :class:`PredictorCheck`.
     """
-    path = _cache_path(Path(cache_dir), profile, settings) if cache_dir is not None else None
+    block = simd_round_to(settings.device) if block is None else block
+    if block < 1:
+        raise ConfigError(f"block must be a positive number of channels, got {block}.")
+    path = _cache_path(Path(cache_dir), profile, settings, block) if cache_dir is not None else None
     if path is not None and path.is_file():
         try:
             return LatencyPredictor.from_dict(json.loads(path.read_text()))
@@ -451,8 +479,8 @@ def build_predictor(
                 continue
             depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.in_channels and module.groups > 1
             elementwise = call.kind in ("norm", "activation", "pool")
-            grid_in = _grid(cin) if gi >= 0 else (cin,)
-            grid_out = (1,) if (elementwise or depthwise) else (_grid(cout) if go >= 0 else (cout,))
+            grid_in = _grid(cin, block) if gi >= 0 else (cin,)
+            grid_out = (1,) if (elementwise or depthwise) else (_grid(cout, block) if go >= 0 else (cout,))
             key = _signature(call, module, grid_in, grid_out)
             if key not in tables:
                 table = np.zeros((len(grid_in), len(grid_out)))
@@ -470,10 +498,10 @@ def build_predictor(
             layers.append(_Layer(key=key, in_group=gi,
                                  out_group=-1 if (elementwise or depthwise) else go, in_dense=cin,
                                  out_dense=1 if (elementwise or depthwise) else cout,
-                                 in_grid=grid_in, out_grid=grid_out))
+                                 in_grid=grid_in, out_grid=grid_out, padded=not elementwise))
     names = tuple(profile.names)
     dense_channels = tuple(g.channels for g in profile.groups)
-    draft = LatencyPredictor(names, dense_channels, tuple(layers), tables, 1.0, 0.0, 0.0, settings)
+    draft = LatencyPredictor(names, dense_channels, tuple(layers), tables, 1.0, 0.0, 0.0, settings, block=block)
     if not calibration_plans:
         calibration_plans = [
             {g.name: max(1, round(g.channels * f)) for g in profile.groups} for f in (0.75, 0.5, 0.25)
@@ -486,8 +514,7 @@ def build_predictor(
     scale, offset = np.polyfit(raw, measured, 1) if len(set(raw)) > 1 else (measured[0] / raw[0], 0.0)
     if scale <= 0:
         scale, offset = float(np.mean(measured) / np.mean(raw)), 0.0
-    predictor = LatencyPredictor(names, dense_channels, tuple(layers), tables, float(scale), float(offset),
-                                 measured[0], settings)
+    predictor = replace(draft, scale=float(scale), offset=float(offset), dense_ms=measured[0])
     if check_plans:
         predictor = with_check(predictor, model, example_input, check_plans)
     if cache_dir is not None:
@@ -497,7 +524,7 @@ def build_predictor(
 
 def save_predictor(predictor: LatencyPredictor, cache_dir: Path, profile: ModelProfile) -> Path:
     """Write the predictor where :func:`build_predictor` finds it again (atomically)."""
-    path = _cache_path(cache_dir, profile, predictor.settings)
+    path = _cache_path(cache_dir, profile, predictor.settings, predictor.block)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(predictor.to_dict()))
@@ -515,6 +542,4 @@ def with_check(
     drift = dense.median_ms / predictor.dense_ms
     measured = [m.median_ms / drift for m in pruned]
     predicted = [predictor.predict(kept) for kept in plans]
-    return LatencyPredictor(predictor.names, predictor.dense_channels, predictor.layers, predictor.tables,
-                            predictor.scale, predictor.offset, predictor.dense_ms, predictor.settings,
-                            PredictorCheck(tuple(predicted), tuple(measured)))
+    return replace(predictor, check=PredictorCheck(tuple(predicted), tuple(measured)))

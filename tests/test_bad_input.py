@@ -155,6 +155,13 @@ def test_export_of_unknown_study_leaves_no_directory(capsys, workdir, tmp_path):
     assert code == 2 and "No study named 'nope'" in out and not out_dir.exists()
 
 
+def test_export_refuses_an_unknown_choice_before_any_work(capsys, workdir, tmp_path):
+    out_dir = tmp_path / "exported"
+    code, out = _cli(capsys, "export", "--study", "any", "--out", str(out_dir), "--choose", "test",
+                     "--workdir", str(workdir))
+    assert code == 2 and "--choose 'test' is not allowed; use one of: search, val" in out and not out_dir.exists()
+
+
 def test_real_process_exit_status_and_no_traceback(workdir):
     done = run_cli("search", "--budget", "flops=2.5e-9", "--workdir", str(workdir))
     assert done.returncode == 2 and "error:" in done.stderr and "Traceback" not in done.stderr + done.stdout

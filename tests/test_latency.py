@@ -51,6 +51,22 @@ def test_predictor_is_cached_and_its_error_is_measured(resnet, tmp_path):
     assert len(checked.check.predicted_ms) == 1
 
 
+def test_predictor_times_aligned_channel_counts_and_pads_like_the_kernels(tmp_path):
+    # Convolutions only: every timed layer runs in a blocked kernel, so padding decides its cost.
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 64, 3), torch.nn.Conv2d(64, 48, 3), torch.nn.Conv2d(48, 8, 3)).eval()
+    x = torch.randn(1, 1, 12, 12)
+    prof = ap.profile_model(model, x)
+    settings = LatencySettings(batch_size=1, threads=1, repeats=5)
+    predictor = build_predictor(model, x, prof, settings, cache_dir=tmp_path, block=16)
+    assert predictor.block == 16
+    assert {c for layer in predictor.layers for c in layer.in_grid + layer.out_grid} <= {1, 8, 16, 32, 48, 64}
+    first, second = prof.groups[0].name, prof.groups[1].name  # 64 and 48 channels
+    assert predictor.predict({first: 17}) == pytest.approx(predictor.predict({first: 32}))
+    assert predictor.predict({first: 33, second: 20}) == pytest.approx(predictor.predict({first: 48, second: 32}))
+    again = build_predictor(model, x, prof, settings, cache_dir=tmp_path, block=16)
+    assert again.to_dict() == predictor.to_dict()  # read back from the cache, block included
+
+
 def test_latency_budget_needs_a_predictor(resnet):
     _, _, prof = resnet
     with pytest.raises(ap.BudgetError, match="needs a latency predictor"):

@@ -164,6 +164,22 @@ def test_export_then_apply(workdir, tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
+def test_export_choose_val_writes_the_model_that_scores_higher_on_validation(workdir, tmp_path):
+    result = ap.search(SPACE, strategy="random", budget="flops=0.3", n_trials=3, workdir=workdir, show_progress=False)
+    report = ap.export_study(result.study_name, tmp_path / "out", workdir=workdir, finetune_epochs=0.5,
+                             choose="val", show_progress=False)
+    data = report.data
+    searched_val, uniform_val = data["pruned"]["val_score_finetuned"], data["uniform"]["val_score_finetuned"]
+    assert data["choose"] == "val"
+    assert data["exported"] == ("uniform" if uniform_val > searched_val else "searched")
+    written = ap.Plan.load(tmp_path / "out" / "plan.json")
+    expected = ap.uniform_plan(ap.profile_model(ap.load_task("digits-cnn", workdir=workdir)), ap.Budget(flops=0.3)) \
+        if data["exported"] == "uniform" else result.best_plan
+    assert written.channels == expected.channels
+    assert written.metrics["val_score_finetuned"] == max(searched_val, uniform_val)
+    assert "Exported: the" in (tmp_path / "out" / "report.md").read_text()
+
+
 def report_formats_match(out) -> bool:
     formats = json.loads((out / "report.json").read_text())["formats"]
     return formats["torch_export"]["matches"] and formats["onnx"]["matches"]
