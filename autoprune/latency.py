@@ -242,9 +242,6 @@ class _Layer:
     out_dense: int
     in_grid: tuple[int, ...]
     out_grid: tuple[int, ...]
-    # Convolutions and linear layers run in blocked kernels that pad channels; PyTorch runs
-    # norms and activations on the plain layout, where every channel costs.
-    padded: bool = True
 
 
 @dataclass(frozen=True)
@@ -281,10 +278,9 @@ class LatencyPredictor:
     channels, then applies ``scale * sum + offset`` fitted on fully measured models (the layers
     timed alone miss functional ops such as residual adds and Python overhead).
 
-    Channel counts are first rounded up to a multiple of ``block`` (the device's SIMD width, see
-    :func:`simd_round_to`) because the kernels pad to it: 11 channels cost what 16 cost. The table's
-    grid sits on such multiples, so aligned plans are read off measured points, not interpolated
-    between padded neighbours.
+    The table's grid includes multiples of ``block`` (the device's SIMD width, see
+    :func:`simd_round_to`), so plans rounded to it are read off measured points instead of being
+    interpolated between unaligned neighbours, which the kernels run less efficiently.
     """
 
     names: tuple[str, ...]
@@ -296,10 +292,7 @@ class LatencyPredictor:
     dense_ms: float  # measured latency of the dense model
     settings: LatencySettings
     check: PredictorCheck | None = field(default=None)
-    block: int = 1  # channels are padded to multiples of this before the table lookup
-
-    def _padded(self, channels: float) -> float:
-        return float(math.ceil(channels / self.block - 1e-9) * self.block) if self.block > 1 else channels
+    block: int = 1  # the table's grid includes multiples of this
 
     def _raw(self, kept: np.ndarray) -> float:
         total = 0.0
@@ -307,8 +300,6 @@ class LatencyPredictor:
             table = self.tables[layer.key]
             cin = kept[layer.in_group] * layer.in_dense / self.dense_channels[layer.in_group] if layer.in_group >= 0 else layer.in_dense
             cout = kept[layer.out_group] * layer.out_dense / self.dense_channels[layer.out_group] if layer.out_group >= 0 else layer.out_dense
-            if layer.padded:
-                cin, cout = self._padded(cin), self._padded(cout)
             total += _bilinear(table, layer.in_grid, layer.out_grid, cin, cout)
         return total
 
@@ -363,10 +354,14 @@ def _bilinear(table: np.ndarray, xs: Sequence[int], ys: Sequence[int], x: float,
 
 
 def _grid(dense: int, block: int = 1) -> tuple[int, ...]:
-    """Channel counts to time a layer at: fractions of ``dense``, moved up onto multiples of ``block``."""
+    """Channel counts to time a layer at: fractions of ``dense``, each also rounded up to a multiple of ``block``.
+
+    Both, because in eager PyTorch fewer channels still save time below a block, while aligned
+    counts run faster per channel than their unaligned neighbours.
+    """
     points = {max(1, round(dense * f)) for f in _GRID_FRACTIONS}
     if block > 1:
-        points = {min(dense, math.ceil(p / block) * block) for p in points} | {dense}
+        points |= {min(dense, math.ceil(p / block) * block) for p in points}
     return tuple(sorted(points))
 
 
@@ -450,7 +445,7 @@ def build_predictor(
 ) -> LatencyPredictor:
     """Measure (or load from ``cache_dir``) the per-layer latency tables of ``model``.
 
-    ``block`` is the channel multiple the device's kernels pad to (default: :func:`simd_round_to`).
+    ``block``: the grid includes multiples of it near each grid fraction (default: :func:`simd_round_to`).
 
     ``calibration_plans`` (kept channels per group) are measured whole to fit the scale/offset
     correction, together with the dense model; by default uniform cuts to 75%, 50% and 25%.
@@ -498,7 +493,7 @@ def build_predictor(
             layers.append(_Layer(key=key, in_group=gi,
                                  out_group=-1 if (elementwise or depthwise) else go, in_dense=cin,
                                  out_dense=1 if (elementwise or depthwise) else cout,
-                                 in_grid=grid_in, out_grid=grid_out, padded=not elementwise))
+                                 in_grid=grid_in, out_grid=grid_out))
     names = tuple(profile.names)
     dense_channels = tuple(g.channels for g in profile.groups)
     draft = LatencyPredictor(names, dense_channels, tuple(layers), tables, 1.0, 0.0, 0.0, settings, block=block)

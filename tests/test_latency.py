@@ -51,20 +51,22 @@ def test_predictor_is_cached_and_its_error_is_measured(resnet, tmp_path):
     assert len(checked.check.predicted_ms) == 1
 
 
-def test_predictor_times_aligned_channel_counts_and_pads_like_the_kernels(tmp_path):
-    # Convolutions only: every timed layer runs in a blocked kernel, so padding decides its cost.
+def test_predictor_times_simd_aligned_channel_counts_too(tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 64, 3), torch.nn.Conv2d(64, 48, 3), torch.nn.Conv2d(48, 8, 3)).eval()
     x = torch.randn(1, 1, 12, 12)
     prof = ap.profile_model(model, x)
     settings = LatencySettings(batch_size=1, threads=1, repeats=5)
     predictor = build_predictor(model, x, prof, settings, cache_dir=tmp_path, block=16)
     assert predictor.block == 16
-    assert {c for layer in predictor.layers for c in layer.in_grid + layer.out_grid} <= {1, 8, 16, 32, 48, 64}
-    first, second = prof.groups[0].name, prof.groups[1].name  # 64 and 48 channels
-    assert predictor.predict({first: 17}) == pytest.approx(predictor.predict({first: 32}))
-    assert predictor.predict({first: 33, second: 20}) == pytest.approx(predictor.predict({first: 48, second: 32}))
+    grids = {layer.out_dense: set(layer.out_grid) for layer in predictor.layers if layer.out_group >= 0}
+    # fractions of the dense count (an eighth of 48 is 6) and the multiples of 16 just above them
+    assert grids[48] == {6, 12, 16, 24, 32, 36, 48} and grids[64] == {8, 16, 32, 48, 64}
+    aligned = {prof.groups[0].name: 32, prof.groups[1].name: 16}
     again = build_predictor(model, x, prof, settings, cache_dir=tmp_path, block=16)
     assert again.to_dict() == predictor.to_dict()  # read back from the cache, block included
+    assert again.predict(aligned) == predictor.predict(aligned)
+    plain = build_predictor(model, x, prof, settings, cache_dir=tmp_path, block=1)
+    assert {layer.out_dense: set(layer.out_grid) for layer in plain.layers if layer.out_group >= 0}[48] == {6, 12, 24, 36, 48}
 
 
 def test_latency_budget_needs_a_predictor(resnet):
