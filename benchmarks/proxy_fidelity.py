@@ -5,15 +5,15 @@ pruning and BatchNorm recalibration, optionally after a few SGD steps) orders pl
 fine-tuned accuracy does. This benchmark measures that for each proxy setting:
 
 1. sample random plans at the budget, score them with the default proxy and keep plans spread over
-   its whole range (plus the uniform and global plans);
+   its whole range, plus the uniform and global plans and plans near uniform;
 2. score each kept plan with every proxy (``finetune_steps`` 0, 25, 100 by default);
 3. fine-tune each plan with the search-quality benchmark's recipe and score it on the *validation*
    split (all of it; the test split is never read, so choosing a proxy from this is not test tuning);
 4. report Kendall's tau and Spearman's rho between each proxy and fine-tuned accuracy, the
    fine-tuned accuracy of each proxy's top plan, and the fine-tuning noise (one plan, several seeds).
 
-    python benchmarks/proxy_fidelity.py                      # fashionmnist-resnet20, flops 0.3
-    python benchmarks/proxy_fidelity.py --budgets 0.5 0.3 --plans 12
+    python benchmarks/proxy_fidelity.py                      # fashionmnist-resnet20, flops 0.3 and 0.5
+    python benchmarks/proxy_fidelity.py --budgets 0.5 --plans 12 --local 0
 
 Writes benchmarks/results/proxy_fidelity.{json,md}. Finished fine-tunes are cached in the workdir,
 so a killed run resumes.
@@ -38,14 +38,9 @@ import autoprune as ap  # noqa: E402
 from _machine import machine_info  # noqa: E402
 from autoprune.export import prune_and_finetune  # noqa: E402
 from autoprune.train import score_model  # noqa: E402
+from search_quality import shipped_space  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _space(task: str) -> ap.SearchSpace:
-    path = REPO / "search_spaces" / f"{task}.yaml"
-    return ap.load_space(path if path.is_file() else REPO / "search_spaces" / "default.yaml")
 
 
 def _spread(scores: list[float], n: int) -> list[int]:
@@ -88,7 +83,7 @@ def run(args: argparse.Namespace) -> dict:
     cache_path = workdir / "fidelity_cache.json"
     cache: dict[str, float] = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     task = ap.load_task(args.task, workdir=workdir)
-    space = _space(args.task)
+    space = shipped_space(args.task)
     ev = space.evaluation
     val_batches = list(task.val_loader)
     out = []
@@ -185,7 +180,7 @@ def markdown(payload: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="fashionmnist-resnet20")
-    parser.add_argument("--budgets", nargs="+", type=float, default=[0.3])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.3, 0.5])
     parser.add_argument("--samples", type=int, default=60, help="random plans scored with the default proxy")
     parser.add_argument("--plans", type=int, default=10, help="of those, plans kept at evenly spaced ranks")
     parser.add_argument("--local", type=int, default=10, help="plans sampled near the uniform plan")

@@ -40,7 +40,7 @@ STRATEGIES = ("uniform", "global", "random", "optuna", "rl")
 SEARCHING = ("random", "optuna", "rl")
 
 
-def _space(task: str, finetune_steps: int | None = None) -> ap.SearchSpace:
+def shipped_space(task: str, finetune_steps: int | None = None) -> ap.SearchSpace:
     """The task's shipped search space, with the candidate evaluation's SGD steps overridden if given."""
     path = REPO / "search_spaces" / f"{task}.yaml"
     space = ap.load_space(path if path.is_file() else REPO / "search_spaces" / "default.yaml")
@@ -62,7 +62,7 @@ def run_one(task: str, budget: float, strategy: str, seed: int, evaluations: int
             finetune_steps: int | None) -> dict:
     start = time.perf_counter()
     proxy = f"-ft{finetune_steps}" if finetune_steps else ""
-    result = ap.search(_space(task, finetune_steps), strategy=strategy, budget=f"flops={budget}", n_trials=evaluations,
+    result = ap.search(shipped_space(task, finetune_steps), strategy=strategy, budget=f"flops={budget}", n_trials=evaluations,
                        seed=seed, study=f"{task}-{strategy}-{budget}-s{seed}{proxy}", workdir=workdir,
                        show_progress=False)
     study = optuna.load_study(study_name=result.study_name, storage=result.storage_url)
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> dict:
     done: dict[str, dict] = json.loads(done_path.read_text()) if done_path.is_file() else {}
     for task_name in args.tasks:
         task = ap.load_task(task_name, workdir=workdir)
-        importance = _space(task_name).evaluation.importance
+        importance = shipped_space(task_name).evaluation.importance
         for budget in args.budgets:
             # Seeds outermost: a run stopped early (or summarized with --cached-only) still compares
             # every strategy on the same seeds.
