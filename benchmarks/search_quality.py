@@ -306,7 +306,9 @@ def main() -> None:
         "wall_seconds": time.perf_counter() - start,
         **summary, "rows": raw["rows"],
     }
-    suffix = ("_quick" if args.quick else "") + (f"_ft{args.finetune_steps}" if args.finetune_steps else "")
+    # A partial or non-default run gets its own files, so it never overwrites the full table.
+    subset = "" if list(args.strategies) == list(STRATEGIES) else "_" + "-".join(args.strategies)
+    suffix = ("_quick" if args.quick else "") + (f"_ft{args.finetune_steps}" if args.finetune_steps else "") + subset
     plot_curves(raw, Path(raw["workdir"]), suffix)
     (RESULTS / f"search_quality{suffix}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (RESULTS / f"search_quality{suffix}.md").write_text(markdown(summary, payload))
