@@ -128,9 +128,12 @@ def run(args: argparse.Namespace) -> dict:
                     test_score, model = finetune_and_test(task, result.best_plan, epochs=args.finetune_epochs,
                                                           seed=seed, importance=importance)
                     latency = measure_latency(model, task.example_input, latency_settings)
+                    # What `export --choose val` compares: the fine-tuned model on the validation split.
+                    val_finetuned = score_model(model, task.val_loader, task.score_fn)
                     row = {
                         "task": task_name, "budget": budget, "strategy": strategy, "seed": seed,
                         "best_val_score": result.best_result.val_score, "test_score_finetuned": test_score,
+                        "val_score_finetuned": val_finetuned,
                         "macs_ratio": result.best_result.macs_ratio, "latency_ms": latency.median_ms,
                         "evaluations": outcome["evaluations"], "search_wall_seconds": outcome["wall_seconds"],
                         "finetune_seconds": time.perf_counter() - start,
@@ -201,7 +204,31 @@ def summarize(raw: dict, args: argparse.Namespace) -> dict:
                     "tpe_mean_curve_evaluations_to_reach_rl_mean_final": mean_reach,
                 })
             verdicts.append(verdict)
-    return {"table": table, "verdicts": verdicts}
+    return {"table": table, "verdicts": verdicts, "choose_val": _choose_val(rows, args)}
+
+
+def _choose_val(rows: list[dict], args: argparse.Namespace) -> list[dict]:
+    """TPE's plan as `autoprune export --choose val` would deliver it: per seed, whichever of TPE's and
+    the uniform plan scores higher on the validation split after fine-tuning (TPE's on a tie).
+    Only rows that recorded their fine-tuned validation score count (older cached rows did not)."""
+    out = []
+    for task in args.tasks:
+        for budget in args.budgets:
+            def by_seed(strategy: str) -> dict[int, dict]:
+                return {r["seed"]: r for r in rows if (r["task"], r["budget"], r["strategy"]) == (task, budget, strategy)
+                        and "val_score_finetuned" in r}
+            tpe, uniform = by_seed("optuna"), by_seed("uniform")
+            seeds = sorted(set(tpe) & set(uniform))
+            if not seeds:
+                continue
+            picked = [uniform[s] if uniform[s]["val_score_finetuned"] > tpe[s]["val_score_finetuned"] else tpe[s]
+                      for s in seeds]
+            test_m, test_s = _mean_std([r["test_score_finetuned"] for r in picked])
+            out.append({"task": task, "budget": budget, "seeds": seeds, "picked": [r["strategy"] for r in picked],
+                        "test_mean": test_m, "test_std": test_s,
+                        "minus_uniform_points": 100 * (test_m - statistics.mean(uniform[s]["test_score_finetuned"] for s in seeds)),
+                        "minus_tpe_points": 100 * (test_m - statistics.mean(tpe[s]["test_score_finetuned"] for s in seeds))})
+    return out
 
 
 def plot_curves(raw: dict, workdir: Path, suffix: str = "") -> list[Path]:
@@ -268,6 +295,13 @@ def markdown(summary: dict, payload: dict) -> str:
                 f"mean curves: {v['tpe_mean_curve_evaluations_to_reach_rl_mean_final']}"
             )
         lines.append(f"- {v['task']} flops={v['budget']} ({v['seeds']} seed(s)): " + "; ".join(parts) + ".")
+    if summary.get("choose_val"):
+        lines += ["", "TPE's plan through `autoprune export --choose val` (per seed, the better of TPE's and the uniform "
+                  "plan on the validation split after fine-tuning):", ""]
+        for c in summary["choose_val"]:
+            lines.append(f"- {c['task']} flops={c['budget']} (seeds {c['seeds']}, picked {c['picked']}): test "
+                         f"{100 * c['test_mean']:.2f} ± {100 * c['test_std']:.2f}; minus uniform {c['minus_uniform_points']:+.2f} "
+                         f"points, minus TPE {c['minus_tpe_points']:+.2f} points.")
     lines.append("")
     return "\n".join(lines)
 
