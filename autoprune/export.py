@@ -27,12 +27,18 @@ from .plan import Plan, check_plan_matches
 from .task import Task
 
 __all__ = [
-    "EXPORT_CHOICES", "PRUNED_FORMAT", "save_pruned", "load_pruned", "export_study", "ExportReport", "prune_and_finetune",
+    "EXPORT_CHOICES", "PRUNED_FORMAT", "uniform_wins_on_val", "save_pruned", "load_pruned", "export_study", "ExportReport", "prune_and_finetune",
     "write_deployables", "write_onnx",
 ]
 
 PRUNED_FORMAT = "autoprune.pruned/1"
 EXPORT_CHOICES = ("search", "val")
+
+
+def uniform_wins_on_val(searched_val: float, uniform_val: float) -> bool:
+    """``--choose val``'s rule: the uniform plan replaces the searched one only if it scores strictly
+    higher on the validation split after the same fine-tuning."""
+    return uniform_val > searched_val
 
 
 def save_pruned(model: nn.Module, plan: Plan, path: str | os.PathLike[str]) -> Path:
@@ -324,8 +330,9 @@ def export_study(
     data["pruned"]["val_score_finetuned"] = score_model(model, task.val_loader, task.score_fn)
     data["uniform"]["val_score_finetuned"] = score_model(uniform_model, task.val_loader, task.score_fn)
     data["choose"] = choose
+    uniform_better = uniform_wins_on_val(data["pruned"]["val_score_finetuned"], data["uniform"]["val_score_finetuned"])
     data["exported"] = "searched"
-    if choose == "val" and data["uniform"]["val_score_finetuned"] > data["pruned"]["val_score_finetuned"]:
+    if choose == "val" and uniform_better:
         data["exported"] = "uniform"
         plan, model = uniform.with_provenance(study=study_name), uniform_model
     exported = data["pruned"] if data["exported"] == "searched" else data["uniform"]
@@ -407,7 +414,7 @@ def _report_markdown(d: dict[str, Any]) -> str:
         lines.append("Exported: the uniform plan, which scores higher on the validation split after fine-tuning (--choose val).")
     elif d["choose"] == "val":
         lines.append("Exported: the searched plan, which scores at least as high on the validation split after fine-tuning.")
-    elif d["uniform"]["val_score_finetuned"] > d["pruned"]["val_score_finetuned"]:
+    elif uniform_wins_on_val(d["pruned"]["val_score_finetuned"], d["uniform"]["val_score_finetuned"]):
         lines.append("Exported: the searched plan, although the uniform plan scores higher on the validation split after "
                      "fine-tuning; `--choose val` would export that one instead.")
     lines.append("")

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from importlib.metadata import version
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
 
 
 def machine_info() -> dict[str, object]:
@@ -34,3 +39,11 @@ def machine_info() -> dict[str, object]:
         "cuda": torch.cuda.is_available(),
         "versions": versions,
     }
+
+
+def write_results(stem: str, payload: Mapping[str, object], markdown: str) -> None:
+    """Write ``results/<stem>.json`` (the payload) and ``results/<stem>.md``, and print the Markdown."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown)
+    print(markdown)

@@ -10,7 +10,6 @@ Writes benchmarks/results/eval_throughput.json and .md. Targets on 2 CPU cores: 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,9 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import autoprune as ap  # noqa: E402
-from _machine import machine_info  # noqa: E402
+from _machine import machine_info, write_results  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 TARGETS = {"digits-cnn": 300.0, "fashionmnist-resnet20": 12.0, "cifar10-resnet20": None}
 
 
@@ -72,9 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = [r for r in (measure(n, args.candidates, args.workdir) for n in TARGETS) if r is not None]
-    RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": "eval_throughput", "machine": machine_info(), "results": rows}
-    (RESULTS / "eval_throughput.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [
         "| task | evaluations/min | target | s/candidate | calibration imgs | val samples |",
         "|---|---:|---:|---:|---:|---:|",
@@ -84,8 +80,7 @@ def main() -> None:
             f"| {r['task']} | {r['evaluations_per_minute']:.0f} | {r['target_per_minute'] or '-'} | "
             f"{r['seconds_per_candidate']:.3f} | {r['calibration_images']} | {r['val_samples']} |"
         )
-    (RESULTS / "eval_throughput.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("eval_throughput", payload, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

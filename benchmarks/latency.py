@@ -16,7 +16,6 @@ Target: at MACs 0.5, speedup >= 0.8x the MACs reduction (2x fewer MACs -> >= 1.6
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -26,14 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import autoprune as ap  # noqa: E402
-from _machine import machine_info  # noqa: E402
+from _machine import machine_info, write_results  # noqa: E402
 from autoprune import pruning  # noqa: E402
 from autoprune.budget import reachable_range  # noqa: E402
 from autoprune.export import write_onnx  # noqa: E402
 from autoprune.latency import LatencySettings, build_predictor, measure_many, measure_onnx_many, simd_round_to  # noqa: E402
 from autoprune.task import dense_model  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 TASKS = ["digits-cnn", "fashionmnist-resnet20", "cifar10-resnet20", "cifar10-resnet56", "cifar10-plain20",
          "cifar10-vgg16", "cifar10-mobilenetv2"]
 SEARCHABLE = {"digits-cnn", "fashionmnist-resnet20"}
@@ -186,10 +184,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     payload = run(args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "latency.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / "latency.md").write_text(markdown(payload))
-    print(markdown(payload))
+    write_results("latency", payload, markdown(payload))
 
 
 if __name__ == "__main__":

@@ -35,12 +35,11 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).parent))
 import autoprune as ap  # noqa: E402
-from _machine import machine_info  # noqa: E402
+from _machine import machine_info, write_results  # noqa: E402
 from autoprune.export import prune_and_finetune  # noqa: E402
 from autoprune.train import score_model  # noqa: E402
 from search_quality import shipped_space  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def _spread(scores: list[float], n: int) -> list[int]:
@@ -202,10 +201,7 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "threads")},
         "wall_seconds": time.perf_counter() - start, **raw,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "proxy_fidelity.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / "proxy_fidelity.md").write_text(markdown(payload))
-    print(markdown(payload))
+    write_results("proxy_fidelity", payload, markdown(payload))
 
 
 if __name__ == "__main__":

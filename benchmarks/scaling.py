@@ -11,7 +11,6 @@ Writes benchmarks/results/scaling.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -23,10 +22,9 @@ import optuna
 
 sys.path.insert(0, str(Path(__file__).parent))
 import autoprune as ap  # noqa: E402
-from _machine import machine_info  # noqa: E402
+from _machine import machine_info, write_results  # noqa: E402
 from autoprune.study import completed_trials  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -69,13 +67,10 @@ def main() -> None:
                      "trials_per_minute": per_minute, "wall_seconds_with_startup": wall})
         print(rows[-1], flush=True)
     payload = {"benchmark": "scaling", "task": args.task, "machine": machine_info(), "results": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "scaling.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = ["| setup | threads/worker | trials | trials/min | wall s (incl. start-up) |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['setup']} | {r['threads_per_worker']} | {r['trials']} | {r['trials_per_minute']:.1f} | "
               f"{r['wall_seconds_with_startup']:.0f} |" for r in rows]
-    (RESULTS / "scaling.md").write_text(f"{args.task}, {payload['machine']['cores']} cores:\n\n" + "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("scaling", payload, f"{args.task}, {payload['machine']['cores']} cores:\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -26,15 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import autoprune as ap  # noqa: E402
-from _machine import machine_info  # noqa: E402
+from _machine import RESULTS, machine_info, write_results  # noqa: E402
 from autoprune import plots  # noqa: E402
-from autoprune.export import prune_and_finetune  # noqa: E402
+from autoprune.export import prune_and_finetune, uniform_wins_on_val  # noqa: E402
 from autoprune.latency import LatencySettings, measure_latency  # noqa: E402
 from autoprune.study import completed_trials  # noqa: E402
 from autoprune.tracking import Tracker  # noqa: E402
 from autoprune.train import score_model  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 STRATEGIES = ("uniform", "global", "random", "optuna", "rl")
 SEARCHING = ("random", "optuna", "rl")
@@ -221,8 +220,8 @@ def _choose_val(rows: list[dict], args: argparse.Namespace) -> list[dict]:
             seeds = sorted(set(tpe) & set(uniform))
             if not seeds:
                 continue
-            picked = [uniform[s] if uniform[s]["val_score_finetuned"] > tpe[s]["val_score_finetuned"] else tpe[s]
-                      for s in seeds]
+            picked = [uniform[s] if uniform_wins_on_val(tpe[s]["val_score_finetuned"], uniform[s]["val_score_finetuned"])
+                      else tpe[s] for s in seeds]
             test_m, test_s = _mean_std([r["test_score_finetuned"] for r in picked])
             out.append({"task": task, "budget": budget, "seeds": seeds, "picked": [r["strategy"] for r in picked],
                         "test_mean": test_m, "test_std": test_s,
@@ -330,7 +329,6 @@ def main() -> None:
     start = time.perf_counter()
     raw = run(args)
     summary = summarize(raw, args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": "search_quality", "date": time.strftime("%Y-%m-%d"), "machine": machine_info(),
         "settings": {"tasks": args.tasks, "budgets": args.budgets, "seeds": args.seeds, "evaluations": args.evaluations,
@@ -343,10 +341,9 @@ def main() -> None:
     # A partial or non-default run gets its own files, so it never overwrites the full table.
     subset = "" if list(args.strategies) == list(STRATEGIES) else "_" + "-".join(args.strategies)
     suffix = ("_quick" if args.quick else "") + (f"_ft{args.finetune_steps}" if args.finetune_steps else "") + subset
+    RESULTS.mkdir(parents=True, exist_ok=True)  # the plots land there before the results files
     plot_curves(raw, Path(raw["workdir"]), suffix)
-    (RESULTS / f"search_quality{suffix}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / f"search_quality{suffix}.md").write_text(markdown(summary, payload))
-    print(markdown(summary, payload))
+    write_results(f"search_quality{suffix}", payload, markdown(summary, payload))
 
 
 if __name__ == "__main__":
