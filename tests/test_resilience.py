@@ -13,7 +13,7 @@ import yaml
 from conftest import REPO, mlflow_runs
 from optuna.trial import TrialState
 
-from autoprune.study import ATTR_WORKER, TrialSlots, completed_trials, fail_stale_trials, open_storage
+from autoprune.study import ATTR_MLFLOW_RUN, ATTR_WORKER, TrialSlots, completed_trials, fail_stale_trials, open_storage
 
 
 def _slow_space(tmp_path: Path, steps: int = 40) -> Path:
@@ -48,11 +48,14 @@ def _wait_for(predicate, timeout: float = 180.0) -> None:
 
 
 def _running_after(study_name: str, storage: str, complete: int):
+    """True once ``complete`` trials finished and another is evaluating its candidate: its
+    parameters are all sampled (the trial names its MLflow run only after that), so a kill now
+    interrupts an evaluation, not the sampler between two parameters."""
     def check() -> bool:
         trials = _study(study_name, storage).get_trials(deepcopy=False)
         done = [t for t in trials if t.state == TrialState.COMPLETE]
-        running = [t for t in trials if t.state == TrialState.RUNNING]
-        return len(done) >= complete and bool(running)
+        evaluating = [t for t in trials if t.state == TrialState.RUNNING and ATTR_MLFLOW_RUN in t.user_attrs]
+        return len(done) >= complete and bool(evaluating)
     return check
 
 
