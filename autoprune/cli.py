@@ -123,17 +123,24 @@ def train(
     epochs: Annotated[Optional[float], typer.Option("--epochs", help="Epochs (default: the task's recipe).")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch threads (default: all cores).")] = None,
+    precision: Annotated[str, typer.Option("--precision", help="auto, fp32 or bf16 (bf16 autocast + channels-last; auto: bf16 where measured faster).")] = "auto",
     workdir: WorkdirOpt = None,
     data_root: DataRootOpt = None,
 ) -> None:
-    """Train a built-in task's dense model (SGD+momentum, cosine LR) and cache its checkpoint."""
+    """Train a built-in task's dense model (SGD+momentum, cosine LR) and cache its checkpoint.
+
+    A stopped run (Ctrl-C, kill) resumes from its last finished epoch when run again with the same
+    task, epochs and seed.
+    """
     from .task import train_task
 
     _set_threads(threads)
     path, meta = train_task(task, epochs=epochs, data_root=str(data_root) if data_root else None,
-                            workdir=workdir, seed=seed)
-    console.print(f"{task}: val accuracy {meta['val_accuracy']:.4f}, test accuracy {meta['test_accuracy']:.4f} "
-                  f"after {meta['epochs']} epochs; checkpoint {path}")
+                            workdir=workdir, seed=seed, precision=precision)
+    subsets = "".join(f", {k.removeprefix('test_').removesuffix('_accuracy')} test images {v:.4f}"
+                      for k, v in meta.items() if k.startswith("test_") and k.endswith("_accuracy") and k != "test_accuracy")
+    console.print(f"{task}: val accuracy {meta['val_accuracy']:.4f}, test accuracy {meta['test_accuracy']:.4f}"
+                  f"{subsets} after {meta['epochs']} epochs ({meta['precision']}); checkpoint {path}")
 
 
 @app.command()

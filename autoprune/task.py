@@ -11,8 +11,10 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import math
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +27,12 @@ from . import data as _data
 from . import models as _models
 from ._workdir import resolve_workdir
 from .errors import CheckpointError, TaskError
+from .precision import Precision, resolve_precision
 from .train import ScoreFn, TrainRecipe, score_model, top1_accuracy, train_model
 
 __all__ = [
     "Task", "load_task", "dense_model", "builtin_task_names", "train_task", "load_state_dict", "checkpoint_path",
+    "test_scores",
 ]
 
 SHIPPED_CHECKPOINTS = Path(__file__).parent / "checkpoints"
@@ -48,6 +52,8 @@ class Task:
         score_fn: ``(logits (N, C), targets (N,)) -> float``, higher is better; top-1 accuracy by default.
         ignored_layers: module names whose output channels are never pruned, besides the classifier.
         recipe: how the dense model was (or would be) trained; also the fine-tuning recipe.
+        test_subsets: named parts of the test data reported beside the whole test split (for
+            CIFAR-10 from the shared archive, ``lossless``: the test images that are not JPEG copies).
     """
 
     name: str
@@ -59,6 +65,7 @@ class Task:
     score_fn: ScoreFn = top1_accuracy
     ignored_layers: tuple[str, ...] = ()
     recipe: TrainRecipe = field(default_factory=TrainRecipe)
+    test_subsets: Mapping[str, DataLoader] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -170,12 +177,33 @@ def _load_weights(model: nn.Module, path: Path) -> None:
         ) from None
 
 
-def _loaders(splits: _data.Splits, recipe: TrainRecipe, seed: int) -> tuple[DataLoader, DataLoader, DataLoader]:
+@dataclass(frozen=True)
+class _Loaders:
+    train: DataLoader
+    val: DataLoader
+    test: DataLoader
+    test_subsets: Mapping[str, DataLoader]
+
+
+def _loaders(splits: _data.Splits, recipe: TrainRecipe, seed: int) -> _Loaders:
     generator = torch.Generator().manual_seed(seed)
-    train = DataLoader(splits.train, batch_size=recipe.batch_size, shuffle=True, generator=generator)
-    val = DataLoader(splits.val, batch_size=500, shuffle=False)
-    test = DataLoader(splits.test, batch_size=500, shuffle=False)
-    return train, val, test
+    return _Loaders(
+        train=DataLoader(splits.train, batch_size=recipe.batch_size, shuffle=True, generator=generator),
+        val=DataLoader(splits.val, batch_size=500, shuffle=False),
+        test=DataLoader(splits.test, batch_size=500, shuffle=False),
+        test_subsets={k: DataLoader(v, batch_size=500, shuffle=False) for k, v in splits.test_subsets.items()},
+    )
+
+
+def test_scores(model: nn.Module, task: Task, *, precision: Precision = "fp32") -> dict[str, float]:
+    """The model's score on the task's test split (key ``test``) and on each named test subset
+    (``test_<name>``); empty when the task has no test split."""
+    if task.test_loader is None:
+        return {}
+    scores = {"test": score_model(model, task.test_loader, task.score_fn, precision=precision)}
+    for name, loader in task.test_subsets.items():
+        scores[f"test_{name}"] = score_model(model, loader, task.score_fn, precision=precision)
+    return scores
 
 
 def train_task(
@@ -185,34 +213,58 @@ def train_task(
     data_root: str | None = None,
     workdir: str | os.PathLike[str] | None = None,
     seed: int = 0,
+    precision: str = "fp32",
     show_progress: bool = True,
 ) -> tuple[Path, dict[str, Any]]:
     """Train a built-in task's dense model with its recipe and cache the checkpoint.
 
-    Returns the checkpoint path and its metadata (recipe, epochs, validation and test accuracy),
-    which is also written next to it as JSON.
+    Training resumes from the last finished epoch when a run with the same task, epochs, seed and
+    recipe was stopped (its state is kept beside the checkpoint until training ends). Returns the
+    checkpoint path and its metadata (recipe, epochs, precision, validation and test accuracy,
+    the validation accuracy after each epoch), which is also written next to it as JSON.
     """
     spec = _builtin(name)
-    splits = spec.load_splits(data_root)
-    train, val, test = _loaders(splits, spec.recipe, seed)
     epochs = spec.recipe.epochs if epochs is None else epochs
-    if epochs <= 0:
-        raise TaskError(f"--epochs must be positive, got {epochs}.")
+    if not isinstance(epochs, (int, float)) or not math.isfinite(epochs) or epochs <= 0:
+        raise TaskError(f"--epochs must be a positive number, got {epochs}.")
+    splits = spec.load_splits(data_root)
+    loaders = _loaders(splits, spec.recipe, seed)
     torch.manual_seed(seed)
     model = spec.build_model()
-    train_model(model, train, epochs=epochs, recipe=spec.recipe, seed=seed,
-                description=f"train {name}", show_progress=show_progress)
+    chosen = resolve_precision(precision, model=model, example_input=torch.zeros(spec.input_shape))
     path = resolve_workdir(workdir) / "checkpoints" / f"{name}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
+    log_path = path.with_suffix(".epochs.jsonl")
+    state_path = path.with_suffix(".train-state.pt")
+    if not state_path.is_file():
+        log_path.unlink(missing_ok=True)
+    started = time.monotonic()
+
+    def after_epoch(epoch: int, trained: nn.Module) -> None:
+        record = {"epoch": epoch, "val_accuracy": score_model(trained, loaders.val, precision=chosen),
+                  "seconds": round(time.monotonic() - started, 1)}
+        with log_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    train_model(model, loaders.train, epochs=epochs, recipe=spec.recipe, seed=seed, precision=chosen,
+                description=f"train {name}", show_progress=show_progress, state_path=state_path,
+                on_epoch=after_epoch)
+    history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] \
+        if log_path.is_file() else []
+    task = Task(name=name, model=model, example_input=torch.zeros(spec.input_shape), train_loader=loaders.train,
+                val_loader=loaders.val, test_loader=loaders.test, test_subsets=loaders.test_subsets)
+    tests = test_scores(model, task)
     meta = {
-        "task": name, "epochs": epochs, "seed": seed, "recipe": spec.recipe.to_dict(),
-        "val_accuracy": score_model(model, val), "test_accuracy": score_model(model, test),
-        "torch": torch.__version__,
+        "task": name, "epochs": epochs, "seed": seed, "recipe": spec.recipe.to_dict(), "precision": chosen,
+        "val_accuracy": score_model(model, loaders.val),
+        **{f"{k}_accuracy": v for k, v in tests.items()},
+        "train_images": len(splits.train), "torch": torch.__version__, "history": history,
     }
     tmp = path.with_suffix(".pt.tmp")
-    torch.save(model.state_dict(), tmp)
+    torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, path)
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    log_path.unlink(missing_ok=True)
     return path, meta
 
 
@@ -266,10 +318,10 @@ def _load_builtin(
     spec = _builtin(name)
     splits = spec.load_splits(data_root)
     model, example_input = dense_model(name, workdir=workdir, pretrained=pretrained, data_root=data_root, seed=seed)
-    train, val, test = _loaders(splits, spec.recipe, seed)
+    loaders = _loaders(splits, spec.recipe, seed)
     return Task(
-        name=name, model=model, example_input=example_input,
-        train_loader=train, val_loader=val, test_loader=test, recipe=spec.recipe,
+        name=name, model=model, example_input=example_input, train_loader=loaders.train,
+        val_loader=loaders.val, test_loader=loaders.test, recipe=spec.recipe, test_subsets=loaders.test_subsets,
     )
 
 

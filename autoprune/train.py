@@ -7,14 +7,19 @@ pruning literature (AMC, EagleEye) uses for dense training and for fine-tuning p
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from ._progress import progress_bar
+from .errors import CheckpointError
+from .precision import Precision, as_input, autocast, to_memory_format
 
 __all__ = ["TrainRecipe", "train_model", "score_model", "top1_accuracy"]
 
@@ -56,15 +61,42 @@ def score_model(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     score_fn: ScoreFn = top1_accuracy,
+    *,
+    precision: Precision = "fp32",
 ) -> float:
-    """Score ``model`` in eval mode over all batches at once (so any metric, not only means)."""
+    """Score ``model`` in eval mode over all batches at once (so any metric, not only means).
+
+    With ``precision="bf16"`` the forward passes run under bf16 autocast (the model should be in
+    the memory format :func:`autoprune.precision.to_memory_format` gives it).
+    """
     model.eval()
     device = _device_of(model)
     logits, targets = [], []
     for x, y in batches:
-        logits.append(model(x.to(device)).float().cpu())
+        with autocast(precision, device):
+            logits.append(model(as_input(x.to(device), precision)).float().cpu())
         targets.append(y)
     return float(score_fn(torch.cat(logits), torch.cat(targets)))
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    # Written beside and renamed over: a kill during the write leaves the previous epoch's state.
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path, total: int, recipe: TrainRecipe, seed: int) -> dict[str, Any] | None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"The training state {path} cannot be read as plain tensors ({type(exc).__name__}); delete it "
+            "to train from scratch."
+        ) from None
+    same = (isinstance(state, dict) and state.get("total_steps") == total and state.get("seed") == seed
+            and state.get("recipe") == recipe.to_dict())
+    return state if same else None
 
 
 def train_model(
@@ -77,18 +109,30 @@ def train_model(
     description: str = "training",
     show_progress: bool = True,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    precision: Precision = "fp32",
+    state_path: str | os.PathLike[str] | None = None,
+    on_epoch: Callable[[int, nn.Module], None] | None = None,
 ) -> nn.Module:
     """Train ``model`` in place for ``epochs`` passes over ``loader`` (fractions allowed).
+
+    ``precision="bf16"`` trains under bf16 autocast with channels-last memory (weights and
+    optimizer state stay float32). With ``state_path`` the whole training state (weights,
+    optimizer, schedule, random generators) is written there after every epoch, and a run with the
+    same recipe, length and seed resumes from it where the last one stopped, reproducing the
+    uninterrupted run; the file is removed when training ends. ``on_epoch(epoch, model)`` is
+    called after each finished epoch (1-based).
 
     Returns the model, left in eval mode.
     """
     torch.manual_seed(seed)
-    if isinstance(loader, DataLoader) and loader.generator is not None:
+    generator = loader.generator if isinstance(loader, DataLoader) else None
+    if generator is not None:
         # A task's loader keeps one shuffling generator for its lifetime; without this, the batch
         # order (and the result) would depend on how often the loader was iterated before.
-        loader.generator.manual_seed(seed)
+        generator.manual_seed(seed)
     loss_fn = loss_fn or nn.functional.cross_entropy
     device = _device_of(model)
+    to_memory_format(model, precision)
     steps_per_epoch = len(loader)
     total = max(1, math.ceil(epochs * steps_per_epoch))
     optimizer = torch.optim.SGD(
@@ -96,12 +140,23 @@ def train_model(
         weight_decay=recipe.weight_decay, nesterov=recipe.momentum > 0,
     )
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    model.train()
     step = 0
+    path = Path(state_path) if state_path is not None else None
+    if path is not None and path.is_file() and (state := _load_state(path, total, recipe, seed)) is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"])
+        if generator is not None:
+            generator.set_state(state["loader_rng"])
+        step = int(state["step"])
+    model.train()
     with progress_bar(description, total=total, enabled=show_progress) as advance:
+        advance(step, "resumed" if step else "")
         while step < total:
             for x, y in loader:
-                loss = loss_fn(model(x.to(device)), y.to(device))
+                with autocast(precision, device):
+                    loss = loss_fn(model(as_input(x.to(device), precision)), y.to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -110,5 +165,18 @@ def train_model(
                 advance(1, f"loss {loss.item():.3f}")
                 if step >= total:
                     break
+            epoch_done = step % steps_per_epoch == 0 or step >= total
+            if path is not None and epoch_done and step < total:
+                _save_state(path, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(), "rng": torch.get_rng_state(),
+                    "loader_rng": generator.get_state() if generator is not None else torch.empty(0),
+                    "step": step, "total_steps": total, "seed": seed, "recipe": recipe.to_dict(),
+                })
+            if on_epoch is not None and epoch_done:
+                on_epoch(math.ceil(step / steps_per_epoch), model)
+                model.train()
     model.eval()
+    if path is not None:
+        path.unlink(missing_ok=True)
     return model
