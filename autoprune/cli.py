@@ -279,22 +279,38 @@ def _stop_process_group(proc) -> None:  # noqa: ANN001 - subprocess.Popen
             continue
 
 
-def run(argv: list[str] | None = None) -> int:
-    """Run the CLI on ``argv`` and return the exit status; user mistakes give 2 and one message."""
+def _usage_error_types() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(usage errors, aborts) of click and of the click that newer typer releases bundle.
+
+    typer >= 0.22 raises its own copy of click's exceptions (``typer.TyperException`` is their
+    public base), which ``click.ClickException`` does not catch; both must end as a usage
+    message and exit status 2, never a traceback.
+    """
     import click
 
+    usage: tuple[type[BaseException], ...] = (click.exceptions.ClickException,)
+    bundled = getattr(typer, "TyperException", None)
+    if isinstance(bundled, type) and not issubclass(bundled, click.exceptions.ClickException):
+        usage += (bundled,)
+    aborts = tuple({click.exceptions.Abort, typer.Abort})
+    return usage, aborts
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` and return the exit status; user mistakes give 2 and one message."""
+    usage_errors, aborts = _usage_error_types()
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="autoprune", standalone_mode=False)
     except AutopruneError as exc:
         err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
         return 2
-    except click.exceptions.Abort:
+    except aborts:
         err_console.print("aborted")
         return 130
-    except click.exceptions.ClickException as exc:
-        exc.show()
-        return exc.exit_code
+    except usage_errors as exc:
+        exc.show()  # type: ignore[attr-defined]
+        return int(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
