@@ -6,21 +6,27 @@ optimum is known, so that "the agent learned" is something a test can check.
 """
 
 import json
+import os
+import pickle
+import re
+import shlex
 import subprocess
 import sys
 import warnings
+from operator import attrgetter
 
 import gymnasium
 import numpy as np
 import optuna
 import pytest
+import torch
 from conftest import mlflow_runs, run_cli
 from gymnasium.utils.env_checker import check_env as gymnasium_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import autoprune as ap
 from autoprune.space import RLSettings
-from autoprune.strategies.rl.agent import CHECKPOINT_FILE, run_agent
+from autoprune.strategies.rl.agent import CHECKPOINT_FILE, AgentState, _CheckpointStore, _new_model, run_agent
 from autoprune.strategies.rl.env import ENV_ID, FEATURES, PruningEnv, TrialFailed
 from autoprune.study import completed_trials
 from autoprune.task import dense_model
@@ -251,3 +257,175 @@ def test_an_rl_search_run_again_with_more_trials_resumes_its_agent(workdir, tmp_
 
     with pytest.raises(ap.ConfigError, match="agent is 'ddpg'"):
         ap.search(space, n_trials=8, agent="td3", workdir=workdir, show_progress=False)
+
+
+# A few episodes on the digits profile: cheap enough to checkpoint several agents in one test.
+SMALL = {"warmup_episodes": 2, "gradient_steps_per_episode": 3, "batch_size": 8}
+
+
+class Planted:
+    """What an attacker would plant in a workdir: unpickling it runs ``touch marker``."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def checkpointed_agent(profile, state_dir, episodes: int = 3) -> dict:
+    """Run a small DDPG agent for ``episodes`` with a checkpoint in ``state_dir``; the pointer JSON."""
+    env = PruningEnv(profile=profile, budget={"flops": 0.5}, evaluate_fn=StandIn(episodes=episodes))
+    run_agent(env, RLSettings(**SMALL), state_dir=state_dir)
+    return json.loads((state_dir / CHECKPOINT_FILE).read_text())
+
+
+def resume(profile, state_dir, episodes: int = 1) -> AgentState:
+    env = PruningEnv(profile=profile, budget={"flops": 0.5}, evaluate_fn=StandIn(episodes=episodes))
+    return run_agent(env, RLSettings(**SMALL), state_dir=state_dir)
+
+
+def test_a_resumed_agent_refuses_planted_pickles_without_unpickling_them(digits_profile, tmp_path):
+    marker = tmp_path / "planted-code-ran"
+    payload = pickle.dumps(Planted(marker))
+    # The payload is live: unpickled anywhere, it creates the marker.
+    done = subprocess.run([sys.executable, "-c", "import pickle, sys; pickle.loads(sys.stdin.buffer.read())"],
+                          input=payload, capture_output=True, timeout=60)
+    assert done.returncode == 0 and marker.exists(), done.stderr
+    marker.unlink()
+
+    state = tmp_path / "state"
+    meta = checkpointed_agent(digits_profile, state)
+    assert meta["schema"] == "autoprune.rl-agent/2"
+    folder = state / meta["checkpoint"]
+    assert sorted(p.name for p in folder.iterdir()) == ["agent.pt", "replay_buffer.npz"]
+    good = {name: (folder / name).read_bytes() for name in ("agent.pt", "replay_buffer.npz")}
+
+    def refused(path) -> None:
+        with pytest.raises(ap.CheckpointError, match=re.escape(str(path))) as caught:
+            resume(digits_profile, state)
+        message = str(caught.value)
+        assert f"Delete {state} to start the agent afresh" in message and "finished trials are kept" in message
+        assert not marker.exists(), "a planted pickle ran"
+
+    # In place of the new files: raw pickles, a torch file of objects, an .npz of an object array.
+    torch_payload, npz_payload = tmp_path / "planted.pt", tmp_path / "planted.npz"
+    torch.save({"policy": Planted(marker)}, torch_payload)
+    np.savez(npz_payload, observations=np.array([Planted(marker)], dtype=object))
+    for name, planted in [("agent.pt", payload), ("agent.pt", torch_payload.read_bytes()),
+                          ("replay_buffer.npz", payload), ("replay_buffer.npz", npz_payload.read_bytes())]:
+        for file, content in good.items():
+            (folder / file).write_bytes(content)
+        (folder / name).write_bytes(planted)
+        refused(folder / name)
+
+    # The old format (SB3's agent.zip and replay_buffer.pkl), named by an old or a new pointer JSON.
+    for file in good:
+        (folder / file).unlink()
+    old_meta = {**{k: meta[k] for k in ("checkpoint", "agent", "steps_per_episode", "episodes", "noise_sigma",
+                                        "num_timesteps")}, "schema": "autoprune.rl-agent/1"}
+    for pointer in (old_meta, meta):
+        (state / CHECKPOINT_FILE).write_text(json.dumps(pointer))
+        (folder / "replay_buffer.pkl").write_bytes(payload)
+        refused(folder / "replay_buffer.pkl")
+        (folder / "agent.zip").write_bytes(payload)
+        refused(folder / "agent.zip")
+        for file in ("agent.zip", "replay_buffer.pkl"):
+            (folder / file).unlink()
+
+    # With its own files back, the same checkpoint resumes: the refusals were about the plants.
+    (state / CHECKPOINT_FILE).write_text(json.dumps(meta))
+    for file, content in good.items():
+        (folder / file).write_bytes(content)
+    resumed = resume(digits_profile, state)
+    assert resumed.resumed and resumed.episodes == meta["episodes"] + 1
+    assert not marker.exists()
+
+
+def test_a_checkpoint_that_does_not_fit_the_agent_is_refused(digits_profile, tmp_path):
+    state = tmp_path / "state"
+    meta = checkpointed_agent(digits_profile, state)
+    folder = state / meta["checkpoint"]
+    agent_file, buffer_file = folder / "agent.pt", folder / "replay_buffer.npz"
+    good_agent, good_buffer = agent_file.read_bytes(), buffer_file.read_bytes()
+
+    tensors = torch.load(agent_file, weights_only=True)
+    key = next(k for k, t in tensors["policy"].items() if t.dim() == 2)
+    tensors["policy"][key] = tensors["policy"][key].t().contiguous()  # a weight of other layer sizes
+    torch.save(tensors, agent_file)
+    with pytest.raises(ap.CheckpointError, match=re.escape(f"{agent_file} does not fit") + f".*{re.escape(key)}"):
+        resume(digits_profile, state)
+    del tensors["critic.optimizer"]
+    torch.save(tensors, agent_file)
+    with pytest.raises(ap.CheckpointError, match=re.escape(f"{agent_file} does not fit")):
+        resume(digits_profile, state)
+    agent_file.write_bytes(good_agent)
+
+    with np.load(buffer_file) as archive:
+        arrays = dict(archive)
+    short = {**arrays, "observations": arrays["observations"][..., :-1]}  # one feature fewer per slot
+    np.savez(buffer_file, **short)
+    with pytest.raises(ap.CheckpointError, match=re.escape(f"{buffer_file} does not fit") + ".*observations"):
+        resume(digits_profile, state)
+    np.savez(buffer_file, **{**arrays, "pos": np.int64(10**6)})
+    with pytest.raises(ap.CheckpointError, match=re.escape(f"{buffer_file} does not fit") + ".*pos"):
+        resume(digits_profile, state)
+    buffer_file.write_bytes(good_buffer)
+    assert resume(digits_profile, state).resumed
+
+
+@pytest.mark.parametrize("agent", ["ddpg", "td3", "sac"])
+def test_a_checkpoint_round_trip_restores_weights_optimizers_and_replay_buffer(agent, digits_profile, tmp_path):
+    # A buffer of 3 episodes that 5 episodes overfill: its wrapped position and "full" are saved too.
+    settings = RLSettings(agent=agent, buffer_episodes=3, **SMALL)
+    env = PruningEnv(profile=digits_profile, budget={"flops": 0.5},
+                     evaluate_fn=StandIn(lambda p: 1.0 - abs(p.ratios["conv2"] - 0.3)))
+    steps = env.steps_per_episode
+    model = _new_model(env, settings, seed=0)
+    model.learn(total_timesteps=5 * steps)
+    assert model._n_updates > 0 and model.replay_buffer.full and model.replay_buffer.pos == (5 * steps) % (3 * steps)
+    store = _CheckpointStore(tmp_path / "state")
+    store.save(model, AgentState(episodes=5, noise_sigma=0.5), settings, steps)
+
+    fresh_env = PruningEnv(profile=digits_profile, budget={"flops": 0.5}, evaluate_fn=StandIn())
+    loaded, state = store.load(fresh_env, settings, seed=0)
+    assert state == AgentState(episodes=5, noise_sigma=0.5, resumed=True)
+    assert loaded is not model and loaded.env is not model.env
+
+    saved_weights, loaded_weights = model.policy.state_dict(), loaded.policy.state_dict()
+    assert list(saved_weights) == list(loaded_weights)
+    assert any(k.startswith("critic_target.") for k in saved_weights)  # targets are in the policy's state dict
+    for key, tensor in saved_weights.items():
+        assert torch.equal(tensor, loaded_weights[key]), key
+
+    optimizers = ["actor.optimizer", "critic.optimizer"] + (["ent_coef_optimizer"] if agent == "sac" else [])
+    for name in optimizers:
+        saved_opt, loaded_opt = attrgetter(name)(model).state_dict(), attrgetter(name)(loaded).state_dict()
+        assert saved_opt["param_groups"] == loaded_opt["param_groups"], name
+        assert saved_opt["state"] and list(saved_opt["state"]) == list(loaded_opt["state"]), name
+        for index, entry in saved_opt["state"].items():
+            assert list(entry) == list(loaded_opt["state"][index])
+            for key, value in entry.items():
+                assert torch.equal(value, loaded_opt["state"][index][key]), (name, index, key)
+        # The optimizers step the loaded agent's own parameters (the state was copied in, in place).
+        live = {id(p) for p in loaded.policy.parameters()} | {id(getattr(loaded, "log_ent_coef", None))}
+        assert all(id(p) in live for g in attrgetter(name)(loaded).param_groups for p in g["params"]), name
+    if agent == "sac":
+        assert model.log_ent_coef.item() != 0.0  # learned away from its initial log(1)
+        assert torch.equal(model.log_ent_coef, loaded.log_ent_coef)
+        assert loaded.ent_coef_optimizer.param_groups[0]["params"][0] is loaded.log_ent_coef
+    else:
+        np.testing.assert_array_equal(loaded.action_noise._sigma, [0.5])
+
+    saved_buffer, loaded_buffer = model.replay_buffer, loaded.replay_buffer
+    for key in ("observations", "next_observations", "actions", "rewards", "dones", "timeouts", "complete"):
+        saved_array, loaded_array = getattr(saved_buffer, key), getattr(loaded_buffer, key)
+        assert loaded_array.dtype == saved_array.dtype and np.array_equal(loaded_array, saved_array), key
+    assert (loaded_buffer.pos, loaded_buffer.full) == (saved_buffer.pos, saved_buffer.full)
+    assert saved_buffer.complete.all() and loaded_buffer.open_episode == []
+
+    assert (loaded.num_timesteps, loaded._n_updates, loaded._episode_num) == (
+        model.num_timesteps, model._n_updates, model._episode_num)
+    assert list(loaded.ep_info_buffer) == list(model.ep_info_buffer) and len(model.ep_info_buffer) == 5
+    obs = np.stack([saved_buffer.observations[i, 0] for i in range(3)])
+    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0])
