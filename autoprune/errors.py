@@ -7,7 +7,11 @@ traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
+    "short",
+    "redact",
     "AutopruneError",
     "ConfigError",
     "TaskError",
@@ -64,3 +68,23 @@ class StudyError(AutopruneError):
 
 class StorageError(AutopruneError):
     """An Optuna storage or MLflow tracking URI cannot be reached or written."""
+
+
+_CREDENTIALS = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s'\"]*):(?P<secret>[^@\s'\"]*)@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` URL in it masked.
+
+    Storage and tracking URLs may carry credentials; they are shown, logged and stored only
+    through this.
+    """
+    return _CREDENTIALS.sub(lambda m: f"{m.group('head')}:***@", text)
+
+
+def short(exc: BaseException, limit: int = 300) -> str:
+    """One line that says what went wrong in ``exc``, for a message: its first non-empty line,
+    cut to ``limit`` characters, credentials masked; the exception's type when it says nothing."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = redact(lines[0]) if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -37,7 +37,7 @@ from .plan import Plan
 from .profile import ModelProfile, profile_model
 from .latency import LatencyPredictor, LatencySettings, build_predictor, measure_many, save_predictor, with_check
 from .space import LatencySpec, SearchSpace, load_space
-from .strategies import PARETO_TARGET, SearchContext, TrialOutcome, make_sampler, make_strategy
+from .strategies import PARETO_TARGET, BaseStrategy, SearchContext, TrialOutcome, make_sampler, make_strategy
 from .study import (
     ATTR_BASELINE,
     ATTR_LATENCY_VERIFIED,
@@ -46,6 +46,7 @@ from .study import (
     ATTR_PLAN,
     ATTR_RAW,
     ATTR_RESULT,
+    ATTR_SKIPPED,
     TrialSlots,
     best_trial,
     completed_trials,
@@ -63,6 +64,7 @@ from .tracking import Tracker, check_server, default_tracking_uri
 __all__ = ["search", "SearchResult", "SearchSettings", "resolve_settings"]
 
 _MAX_CONSECUTIVE_FAILURES = 3
+_WAIT_FOR_OTHERS_SECONDS = 2.0
 _console = Console(stderr=True)
 
 
@@ -276,17 +278,43 @@ class _Session(SearchContext):
         return self._study
 
     def ask(self, fixed_params: Mapping[str, float] | None = None) -> optuna.Trial | None:
-        if self._stop.event.is_set():
-            return None
-        fail_stale_trials(self._study)
-        if fixed_params is None:
-            return self._slots.ask()
-        values = {n: min(max(float(fixed_params[n]), lo), hi) for n, (lo, hi) in self.dimensions.items()}
-        trial = self._slots.ask(values)
-        if trial is not None:
-            for name, (lo, hi) in self.dimensions.items():
-                trial.suggest_float(name, lo, hi)  # returns the enqueued value; stores it as the trial's param
-        return trial
+        values = None
+        if fixed_params is not None:
+            values = {n: min(max(float(fixed_params[n]), lo), hi) for n, (lo, hi) in self.dimensions.items()}
+        while not self._stop.event.is_set():
+            fail_stale_trials(self._study)
+            trial = self._slots.ask(values)
+            if trial is not None and _is_repeated_baseline(self._study, trial):
+                # Two processes resuming one study may both enqueue a missing baseline; the
+                # later copy is given back unevaluated.
+                self._slots.give_back(trial, "this baseline was already evaluated or is running")
+                continue
+            if trial is not None:
+                if values is not None:
+                    for name, (lo, hi) in self.dimensions.items():
+                        trial.suggest_float(name, lo, hi)  # returns the enqueued value; stores it as the trial's param
+                return trial
+            if self._slots.finished() >= self._slots.n_trials:
+                return None
+            # The study is full only because of trials running elsewhere: wait until they finish,
+            # or until their workers' heartbeats go stale and their candidates come back for retry,
+            # so the study ends with exactly the requested number of finished trials.
+            reap_dead_local_trials(self._study, retry=self.settings.space.strategy.name != "rl")
+            self._stop.event.wait(_WAIT_FOR_OTHERS_SECONDS)
+        return None
+
+    def enqueue_initial_trials(self, strategy: BaseStrategy, *, new_study: bool) -> None:
+        """The strategy's baseline candidates, once: in the process that created the study, and
+        after that only those a resumed study with a larger trial count never had."""
+        planned = strategy.initial_trials(self.baselines, self.dimensions)
+        if not planned:
+            return
+        have = {t.user_attrs.get(ATTR_BASELINE) for t in self._study.get_trials(deepcopy=False)}
+        room = self._slots.n_trials - len(self._study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        if not new_study:
+            planned = [(label, params) for label, params in planned if label not in have]
+        for label, params in planned[:max(0, room)]:
+            self._study.enqueue_trial(params, user_attrs={ATTR_BASELINE: label})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         self.tracker.log_metrics(self.parent_run_id, metrics, step=step)
@@ -376,6 +404,14 @@ class _Session(SearchContext):
             res = best.user_attrs[ATTR_RESULT]
             self.tracker.log_metrics(self.parent_run_id, {"best_val_score": res["val_score"],
                                                           "best_macs_ratio": res["macs_ratio"]}, step=step)
+
+
+def _is_repeated_baseline(study: optuna.Study, trial: optuna.Trial) -> bool:
+    label = trial.user_attrs.get(ATTR_BASELINE)
+    if label is None:
+        return False
+    return any(t.user_attrs.get(ATTR_BASELINE) == label and t.number < trial.number
+               for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)))
 
 
 def _counts_trials(space: SearchSpace) -> bool:
@@ -473,7 +509,9 @@ def _worker_main(settings_data: dict[str, Any], worker_index: int, parent_run_id
     stop = _Stop()
     with stop.installed():
         prepared = _prepare(settings)
-        seed = settings.space.strategy.seed + worker_index
+        # Optuna samplers draw each trial's stream from (seed, trial number), so workers share
+        # the seed; the RL agent, which keeps its own stream, does not run in workers.
+        seed = settings.space.strategy.seed
         study, _ = _open_study(settings, seed)
         session = _Session(settings, profile=prepared.profile, evaluator=prepared.evaluator, study=study,
                            tracker=_tracker(settings), parent_run_id=parent_run_id, baselines=prepared.baselines,
@@ -549,13 +587,15 @@ def search(
             session = _Session(settings, profile=prepared.profile, evaluator=prepared.evaluator, study=study,
                                tracker=tracker, parent_run_id=parent_run_id, baselines=prepared.baselines,
                                seed=seed, stop=stop, on_trial=report)
+            strategy = _strategy_for(settings)
+            session.enqueue_initial_trials(strategy, new_study=not resumed)
             processes = _start_workers(settings, parent_run_id)
             try:
                 with stop.installed(on_first=lambda: _forward_interrupt(processes)):
                     if processes:
                         _wait_for_workers(processes, study, target, advance)
                     else:
-                        _strategy_for(settings).search(session)
+                        strategy.search(session)
             except BaseException:
                 failed = True
                 raise
@@ -740,7 +780,7 @@ def _result(settings: SearchSettings, study: optuna.Study, parent_run_id: str, d
     trials = completed_trials(study)
     points = [(t.user_attrs[ATTR_RESULT]["macs_ratio"], t.user_attrs[ATTR_RESULT]["val_score"]) for t in trials]
     front = [trials[i] for i in plots.pareto_indices(points)]
-    failures = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if "skipped" not in t.user_attrs]
+    failures = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if ATTR_SKIPPED not in t.user_attrs]
     baselines = {}
     for t in trials:
         label = t.user_attrs.get("baseline")

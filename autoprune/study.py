@@ -43,6 +43,7 @@ __all__ = [
     "ATTR_MLFLOW_RUN",
     "ATTR_MEASURED_LATENCY",
     "ATTR_LATENCY_VERIFIED",
+    "ATTR_SKIPPED",
 ]
 
 ATTR_PLAN = "plan"
@@ -52,6 +53,7 @@ ATTR_BASELINE = "baseline"
 ATTR_WORKER = "worker"
 ATTR_MLFLOW_RUN = "mlflow_run_id"
 ATTR_RETRY_OF = "retry_of"
+ATTR_SKIPPED = "skipped"  # a trial given back unevaluated (a surplus or repeated trial)
 ATTR_MEASURED_LATENCY = "measured_latency_ms"  # study attr: trial number -> measured ms
 ATTR_LATENCY_VERIFIED = "latency_verified_trial"  # study attr: best trial that measures within a latency budget
 
@@ -301,10 +303,14 @@ class TrialSlots:
             t for t in self.study.get_trials(deepcopy=False, states=self._COUNTED) if t.number < trial.number
         ]
         if len(before) >= self.n_trials:
-            trial.set_user_attr("skipped", "the study already had its trials when this worker asked")
-            self.study.tell(trial, state=TrialState.FAIL)
+            self.give_back(trial, "the study already had its trials when this worker asked")
             return None
         return trial
+
+    def give_back(self, trial: optuna.Trial, reason: str) -> None:
+        """End ``trial`` unevaluated (failed, marked skipped, never counted or retried)."""
+        trial.set_user_attr(ATTR_SKIPPED, reason)
+        self.study.tell(trial, state=TrialState.FAIL)
 
 
 def completed_trials(study: optuna.Study) -> list[FrozenTrial]:

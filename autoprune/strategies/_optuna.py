@@ -2,24 +2,98 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
 import optuna
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState
 
 from ..errors import ConfigError
-from ..study import ATTR_BASELINE
+from ..plan import Plan
 from .base import PARETO_TARGET, BaseStrategy, SearchContext
 
-__all__ = ["OptunaStrategy", "RandomSearchStrategy", "make_sampler", "SAMPLER_NAMES"]
+__all__ = ["OptunaStrategy", "RandomSearchStrategy", "make_sampler", "SAMPLER_NAMES", "trial_seed"]
 
 SAMPLER_NAMES = ("tpe", "gp", "cmaes", "random", "qmc", "nsga2")
 _SINGLE_OBJECTIVE_ONLY = ("cmaes",)
+# QMC's points are indexed by a counter kept in the study, and its scrambling must keep one seed
+# for the whole sequence to stay low-discrepancy; it does not replay on resume as it is.
+_STUDY_INDEXED = ("qmc",)
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The random stream of trial ``number`` of a search seeded with ``seed`` (0 <= result < 2**32)."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
+class _TrialSeededSampler(optuna.samplers.BaseSampler):
+    """An Optuna sampler whose randomness is drawn afresh for each trial from (seed, trial number).
+
+    A sampler seeded once per process replays its stream whenever the process starts again: a
+    resumed search re-proposed the candidates of the trials it already had, and two workers with
+    one seed proposed the same pairs. Trial numbers are unique in a study, so a stream per trial
+    number never repeats across resumes or workers, while an uninterrupted search stays a fixed
+    function of the seed. Optuna's samplers keep their model of the search in the study (TPE, GP
+    and NSGA-II refit on its trials each time; CMA-ES restores its state from them), so a fresh
+    instance per trial loses nothing but a warm-start cache.
+    """
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
+        self._make = make
+        self._seed = seed
+        self._by_trial: dict[int, optuna.samplers.BaseSampler] = {}
+
+    def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+        sampler = self._by_trial.get(trial.number)
+        if sampler is None:
+            if len(self._by_trial) > 16:  # trials failed by other workers never reach after_trial
+                self._by_trial.pop(next(iter(self._by_trial)))
+            sampler = self._by_trial[trial.number] = self._make(trial_seed(self._seed, trial.number))
+        return sampler
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._for(trial).before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        self._for(trial).after_trial(study, trial, state, values)
+        self._by_trial.pop(trial.number, None)
+
+    def reseed_rng(self) -> None:  # the streams are fixed by (seed, trial number) by design
+        pass
 
 
 def make_sampler(name: str, *, seed: int, pareto: bool = False) -> optuna.samplers.BaseSampler:
-    """A seeded Optuna sampler by name; the same seed proposes the same sequence."""
+    """A seeded Optuna sampler by name.
+
+    The same seed proposes the same sequence in an uninterrupted search, and no trial of a
+    resumed search or of another worker sharing the study replays another's random stream.
+    """
     if pareto and name in _SINGLE_OBJECTIVE_ONLY:
         raise ConfigError(
             f"Sampler {name!r} optimizes one objective; with objective 'pareto' use tpe, gp, nsga2, random or qmc."
         )
+    if name not in SAMPLER_NAMES:
+        raise ConfigError(f"Unknown sampler {name!r}; allowed: {', '.join(SAMPLER_NAMES)}.")
+    if name in _STUDY_INDEXED:
+        return _base_sampler(name, seed)
+    return _TrialSeededSampler(lambda trial_seed_: _base_sampler(name, trial_seed_), seed)
+
+
+def _base_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     if name == "tpe":
         # Multivariate TPE models the ratios jointly: which groups to prune depends on the others.
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10)
@@ -33,14 +107,14 @@ def make_sampler(name: str, *, seed: int, pareto: bool = False) -> optuna.sample
         return optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
-    raise ConfigError(f"Unknown sampler {name!r}; allowed: {', '.join(SAMPLER_NAMES)}.")
+    raise AssertionError(name)
 
 
 class OptunaStrategy(BaseStrategy):
     """Sample raw ratios with an Optuna sampler, starting from the uniform and global baselines.
 
-    The baselines are enqueued as the first trials of a new study, so the search starts where the
-    baselines are and its best can only match or beat them.
+    The baselines are the first trials of a new study (see :meth:`initial_trials`), so the search
+    starts where the baselines are and its best can only match or beat them.
     """
 
     name = "optuna"
@@ -49,14 +123,19 @@ class OptunaStrategy(BaseStrategy):
         self.sampler = sampler
         self.enqueue_baselines = enqueue_baselines
 
+    def initial_trials(self, baselines: Mapping[str, Plan],
+                       dimensions: Mapping[str, tuple[float, float]]) -> list[tuple[str, dict[str, float]]]:
+        if not self.enqueue_baselines:
+            return []
+        trials = []
+        for label, plan in baselines.items():
+            params = {n: plan.ratios[n] for n in dimensions if n != PARETO_TARGET}
+            if PARETO_TARGET in dimensions:
+                params[PARETO_TARGET] = dimensions[PARETO_TARGET][1]
+            trials.append((label, params))
+        return trials
+
     def search(self, context: SearchContext) -> None:
-        study = context.study
-        if self.enqueue_baselines and not study.get_trials(deepcopy=False):
-            for label, plan in context.baselines.items():
-                params = {n: plan.ratios[n] for n in context.dimensions if n != PARETO_TARGET}
-                if PARETO_TARGET in context.dimensions:
-                    params[PARETO_TARGET] = context.dimensions[PARETO_TARGET][1]
-                study.enqueue_trial(params, user_attrs={ATTR_BASELINE: label})
         while (trial := context.ask()) is not None:
             raw = {name: trial.suggest_float(name, lo, hi) for name, (lo, hi) in context.dimensions.items()}
             context.run_trial(trial, raw=raw)

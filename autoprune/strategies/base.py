@@ -103,6 +103,15 @@ class BaseStrategy(abc.ABC):
     #: False for strategies that run a single trial whatever the requested trial count
     uses_trial_budget: ClassVar[bool] = True
 
+    def initial_trials(self, baselines: Mapping[str, Plan],
+                       dimensions: Mapping[str, tuple[float, float]]) -> list[tuple[str, dict[str, float]]]:
+        """Baseline candidates to put first in a new study, as (baseline label, parameters).
+
+        The runner enqueues them once, in the process that creates the study, so that several
+        workers never evaluate a baseline twice. None by default.
+        """
+        return []
+
     @abc.abstractmethod
     def search(self, context: SearchContext) -> None:
         """Run trials through ``context`` until :meth:`SearchContext.ask` returns ``None``."""
