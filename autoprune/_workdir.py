@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ConfigError
 
-__all__ = ["resolve_workdir", "DEFAULT_WORKDIR"]
+__all__ = ["resolve_workdir", "DEFAULT_WORKDIR", "sqlite_path", "exclusive_lock", "pid_alive"]
 
 DEFAULT_WORKDIR = "autoprune-runs"
 
@@ -30,3 +33,38 @@ def resolve_workdir(workdir: str | os.PathLike[str] | None = None, *, create: bo
             "--workdir DIR or set AUTOPRUNE_HOME."
         ) from None
     return path
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a ``sqlite:///path`` URL (``None`` for other URLs or in-memory ones)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    rest = url[len("sqlite:///"):].split("?", 1)[0]
+    return Path(rest) if rest and rest != ":memory:" else None
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if needed) across processes of this machine.
+
+    Two searches starting together on a fresh workdir both create the SQLite schemas of MLflow and
+    Optuna; their migrations are not safe to run concurrently, so their first opening is serialized.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine still runs (a zombie counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

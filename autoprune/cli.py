@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ._workdir import resolve_workdir
-from .errors import AutopruneError, ConfigError
+from .errors import AutopruneError, ConfigError, redact
 
 app = typer.Typer(
     add_completion=False,
@@ -40,6 +40,8 @@ DataRootOpt = Annotated[
 def _set_threads(threads: int | None) -> None:
     import torch
 
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be a positive integer (torch threads), got {threads}.")
     if threads:
         torch.set_num_threads(threads)
 
@@ -101,6 +103,11 @@ def apply(
     from .pruning import count_macs_params
     from .task import load_task
 
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; give the path of the .pt file to write, e.g. {out / 'pruned.pt'}.")
+    parent = next((p for p in out.resolve().parents if p.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out} cannot be written: {parent} is not a writable directory.")
     loaded_plan = Plan.load(plan)
     name = task or loaded_plan.task
     if not name:
@@ -189,8 +196,8 @@ def _print_search_result(result) -> None:  # noqa: ANN001 - SearchResult
     console.print(f"val score {best.val_score:.4f} (dense {result.dense_score:.4f}"
                   + "".join(f", {k} {v:.4f}" for k, v in result.baselines.items())
                   + f"); MACs {best.macs:,.0f} = {best.macs_ratio:.3f} of dense; params {best.params_ratio:.3f} of dense")
-    console.print(f"{result.n_finished} finished trials in study [bold]{result.study_name}[/bold] ({result.storage_url})")
-    console.print(f"MLflow: experiment {result.experiment!r}, run {result.mlflow_run_id} at {result.tracking_uri}; "
+    console.print(f"{result.n_finished} finished trials in study [bold]{result.study_name}[/bold] ({redact(result.storage_url)})")
+    console.print(f"MLflow: experiment {result.experiment!r}, run {result.mlflow_run_id} at {redact(result.tracking_uri)}; "
                   "browse with `autoprune ui`")
     console.print(f"export: autoprune export --study {result.study_name} --out exported/")
     if result.stopped_early:
@@ -210,7 +217,7 @@ def export(
     choose: Annotated[str, typer.Option(
         "--choose", help="Model to write: search (the search's best plan) or val (the better of it and the "
         "uniform plan on the validation split after fine-tuning).")] = "search",
-    threads: Annotated[Optional[int], typer.Option("--threads")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="torch threads (default: all cores).")] = None,
     workdir: WorkdirOpt = None,
     data_root: DataRootOpt = None,
 ) -> None:
@@ -228,7 +235,7 @@ def export(
 @app.command()
 def ui(
     tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="Backend store (default sqlite:///<workdir>/mlflow.db).")] = None,
-    port: Annotated[int, typer.Option("--port")] = 5000,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port of the UI.")] = 5000,
     host: Annotated[str, typer.Option("--host", help="Interface to bind; 127.0.0.1 keeps it private.")] = "127.0.0.1",
     workdir: WorkdirOpt = None,
 ) -> None:
@@ -236,31 +243,53 @@ def ui(
     import signal
     import subprocess
 
-    from .tracking import default_tracking_uri
+    from .tracking import check_tracking_uri, default_tracking_uri
 
     home = resolve_workdir(workdir)
-    uri = tracking_uri or default_tracking_uri(home)
+    uri = check_tracking_uri(tracking_uri) if tracking_uri else default_tracking_uri(home)
+    _check_port_free(host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):
         err_console.print(f"[yellow]warning: binding to {host} exposes the MLflow UI (and its data) to the network[/yellow]")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    server = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     if not uri.startswith("http"):
-        cmd += ["--default-artifact-root", (home / "mlartifacts").as_uri()]
-    cmd += ["--workers", "1"]
+        server += ["--default-artifact-root", (home / "mlartifacts").as_uri()]
+    server += ["--workers", "1"]
     # The UI only browses runs: no background job runner (a dozen extra processes otherwise).
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    console.print(f"MLflow UI at http://{host}:{port} (backend {uri}); Ctrl-C stops it", highlight=False)
-    # Own process group, so stopping the UI stops the server's workers too.
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    console.print(f"MLflow UI at http://{host}:{port} (backend {redact(uri)}); Ctrl-C stops it", highlight=False)
+    # In its own process group under a watchdog: stopping the UI stops the server's workers too,
+    # and a `ui` killed with SIGKILL still takes the server down with it.
+    watchdog = [sys.executable, "-m", "autoprune._watchdog", str(os.getpid()), "--", *server]
+    proc = subprocess.Popen(watchdog, env=env, start_new_session=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as cleanly as Ctrl-C
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    stopped_by_user = False
     try:
         code = proc.wait()
     except KeyboardInterrupt:
-        code = 0
+        stopped_by_user, code = True, 0
     finally:
         _stop_process_group(proc)
-    if code:
-        raise AutopruneError(f"the MLflow UI exited with status {code}; is port {port} free?")
+    if not stopped_by_user:
+        # MLflow's server exits 0 even when it could not bind its port.
+        raise AutopruneError(f"the MLflow UI stopped by itself (exit status {code}); see its output above. "
+                             f"Is port {port} on {host} free? Choose another with --port.")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host!r} is not an address of this machine ({exc}).") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"--port {port}: {host}:{port} cannot be bound ({exc.strerror or exc}); another "
+                              "program (perhaps another `autoprune ui`) uses it. Choose another with --port.") from None
 
 
 def _stop_process_group(proc) -> None:  # noqa: ANN001 - subprocess.Popen

@@ -20,11 +20,11 @@ from torch import nn
 
 from . import pruning
 from .budget import LatencyModel
-from .errors import ConfigError, TaskError
+from .errors import ConfigError, TaskError, short
 from .plan import Plan, check_plan_matches
 from .profile import ModelProfile, profile_model
 from .task import Task
-from .train import score_model, train_model
+from .train import predict, train_model
 
 __all__ = ["TrialResult", "Evaluator", "recalibrate_batchnorm"]
 
@@ -161,11 +161,25 @@ class Evaluator:
     def dense_score(self) -> float:
         """The dense model's score on the same validation samples."""
         if self._dense_score is None:
-            self._dense_score = self._score(self.task.model)
+            self._dense_score = self._score(self.task.model, dense=True)
         return self._dense_score
 
-    def _score(self, model: nn.Module) -> float:
-        value = score_model(model, self._val_batches, self.task.score_fn)
+    def _score(self, model: nn.Module, *, dense: bool = False) -> float:
+        logits, targets = predict(model, self._val_batches)
+        if dense and not bool(torch.isfinite(logits).all()):
+            raise TaskError(
+                f"Task {self.task.name!r}: the dense model's outputs on the validation data are not all finite "
+                "(NaN or infinite values); every candidate would score on garbage. Check the checkpoint and the "
+                "input normalization."
+            )
+        try:
+            value = float(self.task.score_fn(logits, targets))
+        except Exception as exc:
+            raise TaskError(
+                f"Task {self.task.name!r}: its score function failed or did not return a number "
+                f"({type(exc).__name__}: {short(exc)}); it must map (logits (N, C), targets (N,)) to a float, "
+                "higher is better."
+            ) from None
         if not math.isfinite(value):
             raise TaskError(
                 f"Task {self.task.name!r}: its score function returned {value}; scores must be finite "

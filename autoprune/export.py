@@ -8,6 +8,7 @@ channel counts to the task's dense architecture, then the saved weights are load
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -21,8 +22,8 @@ from torch import nn
 
 from . import pruning
 from .latency import LatencySettings, build_predictor, measure_many, measure_onnx_many, simd_round_to
-from ._workdir import resolve_workdir
-from .errors import CheckpointError, ConfigError, PlanError, StudyError
+from ._workdir import pid_alive, resolve_workdir
+from .errors import CheckpointError, ConfigError, PlanError, StudyError, short
 from .plan import Plan, check_plan_matches
 from .task import Task
 
@@ -181,14 +182,14 @@ def write_deployables(
             diff = float((loaded(batch) - expected).abs().max())
         formats["torch_export"] = {"file": "model.pt2", "max_abs_diff": diff, "matches": diff <= atol}
     except Exception as exc:  # an exotic user model torch.export cannot trace
-        formats["torch_export"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+        formats["torch_export"] = {"error": f"{type(exc).__name__}: {short(exc)}"}
     try:
         write_onnx(model, batch, out_dir / "model.onnx")
         formats["onnx"] = {"file": "model.onnx"}
     except ImportError:
         formats["onnx"] = {"error": "onnx is not installed (pip install 'autoprune[onnx]')"}
     except Exception as exc:
-        formats["onnx"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+        formats["onnx"] = {"error": f"{type(exc).__name__}: {short(exc)}"}
     if "file" in formats["onnx"]:
         try:
             import onnxruntime as ort
@@ -266,6 +267,7 @@ def export_study(
     from .profile import profile_model
     from .pruning import count_macs_params
     from .search import SearchSettings, latency_settings
+    from .tracking import check_tracking_uri
     from .study import ATTR_MLFLOW_RUN, ATTR_PLAN, ATTR_RESULT, best_trial, default_storage_url, load_study
     from .task import load_task
     from .train import score_model
@@ -273,14 +275,25 @@ def export_study(
     steps = parse_schedule(schedule)
     if choose not in EXPORT_CHOICES:
         raise ConfigError(f"--choose {choose!r} is not allowed; use one of: {', '.join(EXPORT_CHOICES)}.")
-    if finetune_epochs < 0:
-        raise ConfigError(f"--finetune-epochs must be >= 0, got {finetune_epochs}.")
+    if not isinstance(finetune_epochs, (int, float)) or not math.isfinite(finetune_epochs) or finetune_epochs < 0:
+        raise ConfigError(f"--finetune-epochs must be a finite number >= 0, got {finetune_epochs}.")
     out_dir = Path(out).resolve()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ConfigError(f"--out {out_dir} already exists and is not empty; choose a new directory.")
+    _check_writable_parent(out_dir)
+    _remove_abandoned_partials(out_dir)
+    if tracking_uri is not None:
+        check_tracking_uri(tracking_uri)
     home = resolve_workdir(workdir)
     study = load_study(study_name, storage or default_storage_url(home))
     settings = SearchSettings.from_dict(study.user_attrs["settings"])
+    stored_uri = study.user_attrs.get("tracking_uri")
+    if tracking_uri is None and stored_uri and ":***@" in stored_uri:
+        raise ConfigError(
+            f"Study {study_name!r} tracked into {stored_uri}, whose password autoprune does not store; pass "
+            "--tracking-uri with the credentials (or set MLFLOW_TRACKING_USERNAME/PASSWORD and give the URL "
+            "without them) so the export can be logged to the search's MLflow run."
+        )
     space = settings.space
     limit = Budget.parse(budget) if budget else None
     if limit is not None and limit.metric != "flops":
@@ -352,7 +365,8 @@ def export_study(
                                 "val_score_finetuned": exported["val_score_finetuned"]})
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(out_dir)}{os.getpid()}-", dir=out_dir.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the export is as shareable as any file
     try:
         plan.save(tmp / "plan.json")
         save_pruned(model, plan, tmp / "model.pt")
@@ -369,7 +383,7 @@ def export_study(
         raise
 
     run_id = study.user_attrs.get(ATTR_MLFLOW_RUN)
-    uri = tracking_uri or study.user_attrs.get("tracking_uri")
+    uri = tracking_uri or stored_uri
     if run_id and uri:
         from .tracking import Tracker
 
@@ -388,6 +402,36 @@ def export_study(
                                      **({"export_speedup_onnxruntime": ort["speedup"]}
                                         if "speedup" in (ort := data["latency"].get("onnxruntime", {})) else {})})
     return ExportReport(out_dir=out_dir, plan=plan, trial=best.number, data=data)
+
+
+def _partial_prefix(out_dir: Path) -> str:
+    # The export is built beside --out under this name plus the builder's pid, then renamed.
+    return f".{out_dir.name}.partial-"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _check_writable_parent(out_dir: Path) -> None:
+    """Refuse, before any fine-tuning, an --out whose directory cannot be created or written."""
+    parent = next((p for p in out_dir.parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out_dir} cannot be created: {parent or out_dir.anchor} is not a writable "
+                          "directory. Choose an --out under a directory you can write.")
+
+
+def _remove_abandoned_partials(out_dir: Path) -> None:
+    """Delete half-built exports of --out that a killed export left behind (their builder is gone)."""
+    if not out_dir.parent.is_dir():
+        return
+    prefix = _partial_prefix(out_dir)
+    for leftover in out_dir.parent.glob(f"{prefix}*"):
+        pid = leftover.name[len(prefix):].split("-", 1)[0]
+        if leftover.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _report_markdown(d: dict[str, Any]) -> str:

@@ -31,7 +31,7 @@ from . import plots
 from ._progress import progress_bar
 from ._workdir import resolve_workdir
 from .budget import Budget, global_plan, project, reachable_range, uniform_plan
-from .errors import AutopruneError, ConfigError, StorageError
+from .errors import AutopruneError, ConfigError, StorageError, short
 from .evaluate import Evaluator, TrialResult
 from .plan import Plan
 from .profile import ModelProfile, profile_model
@@ -49,6 +49,8 @@ from .study import (
     ATTR_SKIPPED,
     TrialSlots,
     best_trial,
+    check_storage_url,
+    check_study_name,
     completed_trials,
     create_or_resume_study,
     default_storage_url,
@@ -57,9 +59,10 @@ from .study import (
     open_storage,
     reap_dead_local_trials,
     redact,
+    study_name_from,
 )
 from .task import Task, load_task
-from .tracking import Tracker, check_server, default_tracking_uri
+from .tracking import Tracker, check_server, check_tracking_uri, default_tracking_uri
 
 __all__ = ["search", "SearchResult", "SearchSettings", "resolve_settings"]
 
@@ -86,10 +89,13 @@ class SearchSettings:
         s = self.space.strategy
         return f"optuna/{s.sampler}" if s.name == "optuna" else (f"rl/{s.rl.agent}" if s.name == "rl" else s.name)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, redacted: bool = False) -> dict[str, Any]:
+        """The settings as JSON-able data; ``redacted`` masks the URLs' passwords, for anything
+        stored or shown (worker processes get the full settings in memory)."""
+        hide = redact if redacted else str
         return {
             "space": self.space.model_dump(mode="json"), "study_name": self.study_name,
-            "storage_url": self.storage_url, "tracking_uri": self.tracking_uri, "workdir": str(self.workdir),
+            "storage_url": hide(self.storage_url), "tracking_uri": hide(self.tracking_uri), "workdir": str(self.workdir),
             "data_root": self.data_root, "workers": self.workers, "threads_per_worker": self.threads_per_worker,
         }
 
@@ -152,8 +158,16 @@ def resolve_settings(
         "strategy.name": strategy, "strategy.sampler": sampler, "strategy.rl.agent": agent,
         "strategy.trials": n_trials, "strategy.seed": seed, "strategy.objective": objective, "budget": budget_dict,
     })
-    if not isinstance(workers, int) or workers < 1:
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ConfigError(f"--workers must be a positive integer, got {workers!r}.")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ConfigError(f"--threads must be a positive integer (torch threads per worker), got {threads!r}.")
+    if study is not None:
+        check_study_name(study)
+    if storage is not None:
+        check_storage_url(storage)
+    if tracking_uri is not None:
+        check_tracking_uri(tracking_uri)
     if loaded.strategy.name in ("rl", "uniform", "global") and workers > 1:
         raise ConfigError(f"Strategy {loaded.strategy.name!r} runs in one worker; use --workers 1.")
     if loaded.strategy.objective == "pareto" and loaded.strategy.name not in ("optuna", "random"):
@@ -163,7 +177,8 @@ def resolve_settings(
     home = resolve_workdir(workdir)
     label = loaded.strategy.name if loaded.strategy.name != "optuna" else f"optuna-{loaded.strategy.sampler}"
     budget_tag = "-".join(f"{k}{v:g}" for k, v in loaded.budget.items())
-    name = study or f"{loaded.display_name}-{label}-{budget_tag}" + ("-pareto" if loaded.strategy.objective == "pareto" else "")
+    name = study or study_name_from(
+        f"{loaded.display_name}-{label}-{budget_tag}" + ("-pareto" if loaded.strategy.objective == "pareto" else ""))
     cores = os.cpu_count() or 1
     per_worker = threads or max(1, cores // workers)
     return SearchSettings(
@@ -321,7 +336,8 @@ class _Session(SearchContext):
 
     @property
     def state_dir(self) -> Path:
-        path = self.settings.workdir / "strategy-state" / self.settings.study_name
+        # Study names are checked (check_study_name): no separators or '..', so this stays inside.
+        path = self.settings.workdir / "strategy-state" / check_study_name(self.settings.study_name)
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -494,7 +510,7 @@ def _open_study(settings: SearchSettings, seed: int) -> tuple[optuna.Study, bool
     directions = ["maximize", "minimize"] if strategy.objective == "pareto" else ["maximize"]
     return create_or_resume_study(
         storage, settings.study_name, directions=directions, sampler=sampler,
-        space_fingerprint=space.fingerprint() + f"/{strategy.name}", settings=settings.to_dict(),
+        space_fingerprint=space.fingerprint() + f"/{strategy.name}", settings=settings.to_dict(redacted=True),
     )
 
 
@@ -506,6 +522,7 @@ def _worker_main(settings_data: dict[str, Any], worker_index: int, parent_run_id
     """Entry point of an extra worker process (spawned): same search, own seed, shared study."""
     settings = SearchSettings.from_dict(settings_data)
     torch.set_num_threads(settings.threads_per_worker)
+    _exit_with_parent()
     stop = _Stop()
     with stop.installed():
         prepared = _prepare(settings)
@@ -517,6 +534,20 @@ def _worker_main(settings_data: dict[str, Any], worker_index: int, parent_run_id
                            tracker=_tracker(settings), parent_run_id=parent_run_id, baselines=prepared.baselines,
                            seed=seed, stop=stop)
         _strategy_for(settings).search(session)
+
+
+def _exit_with_parent(poll_seconds: float = 1.0) -> None:
+    """End this worker process when its coordinator dies, even by SIGKILL (which cannot forward a
+    stop): the orphan would go on evaluating trials nobody waits for. Its running trial is then
+    reaped and retried by the next search on this machine, as after any kill."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os._exit(70)
+
+    threading.Thread(target=watch, name="autoprune-parent-watch", daemon=True).start()
 
 
 def _strategy_for(settings: SearchSettings):  # noqa: ANN202 - BaseStrategy
@@ -560,7 +591,7 @@ def search(
         )
         study.set_user_attr(ATTR_MLFLOW_RUN, parent_run_id)
         study.set_user_attr(ATTR_LATENCY_VERIFIED, None)  # re-verified when this run finishes
-        study.set_user_attr("tracking_uri", settings.tracking_uri)
+        study.set_user_attr("tracking_uri", redact(settings.tracking_uri))
         study.set_user_attr("experiment", space_.display_name)
         reaped = reap_dead_local_trials(study, retry=space_.strategy.name != "rl")
         tracker.fail_running_trials(parent_run_id, {t.number for t in reaped})
@@ -615,8 +646,7 @@ def _check_remote_stores(settings: SearchSettings) -> None:
         try:
             storage.get_all_studies()
         except Exception as exc:
-            raise StorageError(f"Cannot read the Optuna storage {redact(settings.storage_url)}: "
-                               f"{str(exc).splitlines()[0][:300]}") from None
+            raise StorageError(f"Cannot read the Optuna storage {redact(settings.storage_url)}: {short(exc)}") from None
     if settings.tracking_uri.startswith(("http://", "https://")):
         check_server(settings.tracking_uri)
 
@@ -792,6 +822,6 @@ def _result(settings: SearchSettings, study: optuna.Study, parent_run_id: str, d
         best_result=best_result, n_finished=len(trials),
         pareto=tuple((Plan.from_dict(t.user_attrs[ATTR_PLAN]), TrialResult(**t.user_attrs[ATTR_RESULT])) for t in front),
         baselines=baselines, dense_score=dense_score, workdir=settings.workdir, stopped_early=stopped,
-        failed_trials=len(failures), settings=settings.to_dict(),
+        failed_trials=len(failures), settings=settings.to_dict(redacted=True),
         measured_latency_ms={int(k): v for k, v in study.user_attrs.get(ATTR_MEASURED_LATENCY, {}).items()},
     )

@@ -12,6 +12,7 @@ import copy
 import datetime
 import json
 import os
+import re
 import socket
 import time
 import warnings
@@ -22,10 +23,13 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .errors import ConfigError, StorageError, StudyError
+from ._workdir import exclusive_lock, pid_alive, sqlite_path
+from .errors import ConfigError, StorageError, StudyError, redact, short
 
 __all__ = [
     "redact",
+    "check_study_name",
+    "study_name_from",
     "default_storage_url",
     "open_storage",
     "create_or_resume_study",
@@ -64,13 +68,37 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
-def redact(url: str) -> str:
-    """``url`` without its password, for messages and MLflow params."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        credentials, host = rest.rsplit("@", 1)
-        user = credentials.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
+_STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+=@-]{0,199}")
+STUDY_NAME_RULE = ("1 to 200 characters: letters, digits and . _ : + = @ -, starting with a letter or digit, "
+                   "without '..'")
+
+
+def check_study_name(name: str, *, flag: str = "--study") -> str:
+    """``name`` if it is a valid study name; studies name directories under the workdir, so a name
+    never holds a path separator, a quote or ``..``."""
+    if not isinstance(name, str) or not _STUDY_NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(f"{flag} {name!r} is not a valid study name; a study name is {STUDY_NAME_RULE}.")
+    return name
+
+
+def study_name_from(text: str) -> str:
+    """A valid study name made from ``text`` (a task or space name), for studies not named by the user."""
+    name = re.sub(r"[^A-Za-z0-9._:+=@-]+", "-", text).strip("-.") or "study"
+    return re.sub(r"\.{2,}", ".", name)[:200]
+
+
+_STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql", "mariadb", "mssql", "oracle")
+
+
+def check_storage_url(url: str) -> str:
+    """``url`` if it names a database Optuna can store studies in (an SQLAlchemy URL)."""
+    scheme = url.split("://", 1)[0].split("+", 1)[0].lower() if "://" in url else ""
+    if scheme not in _STORAGE_SCHEMES:
+        raise ConfigError(
+            f"--storage {redact(url)!r} is not a database URL; use sqlite:///path/to/optuna.db (a file) or "
+            "postgresql+psycopg://user:password@host/db (several machines); schemes allowed: "
+            + ", ".join(_STORAGE_SCHEMES) + "."
+        )
     return url
 
 
@@ -118,10 +146,14 @@ def open_storage(url: str, *, heartbeat: bool = False, retry_failed: bool = True
                       grace_period=_grace_seconds())
         if retry_failed:
             kwargs["heartbeat_stale_trial_callback"] = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+    database = sqlite_path(url)
     attempts = 5
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(url, **kwargs)
+            if database is None:
+                return optuna.storages.RDBStorage(url, **kwargs)
+            with exclusive_lock(database.with_name(database.name + ".lock")):
+                return optuna.storages.RDBStorage(url, **kwargs)
         except Exception as exc:
             # Workers starting together race to create the schema; the loser sees a duplicate
             # table or key, and the schema exists a moment later.
@@ -131,7 +163,7 @@ def open_storage(url: str, *, heartbeat: bool = False, retry_failed: bool = True
                 continue
             raise StorageError(
                 f"Cannot open the Optuna storage {redact(url)!r}: {type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:300]}. Check the URL (sqlite:///path/to/file.db or "
+                f"{short(exc)}. Check the URL (sqlite:///path/to/file.db or "
                 "postgresql://user:pass@host/db), that the server is up and reachable, and that the database exists."
             ) from None
     raise AssertionError("unreachable")
@@ -153,17 +185,16 @@ def create_or_resume_study(
     try:
         existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     except Exception as exc:
-        raise StorageError(f"Cannot read studies from the storage: {str(exc).splitlines()[0][:300]}") from None
+        raise StorageError(f"Cannot read studies from the storage: {short(exc)}") from None
     if name in existing:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
         previous = study.user_attrs.get("space_fingerprint")
         if previous is not None and previous != space_fingerprint:
-            old = study.user_attrs.get("settings", {})
+            differences = _space_differences(study.user_attrs.get("settings", {}), settings)
             raise StudyError(
-                f"Study {name!r} exists and was made for another search space (task "
-                f"{old.get('task')!r}, budget {old.get('budget')}, groups {old.get('groups')}, "
-                f"evaluation {old.get('evaluation')}, objective {old.get('objective')}). A resumed study must keep "
-                "its space; pick a new --study name to search this one."
+                f"Study {name!r} exists and was made for another search space ("
+                + ("; ".join(differences) or "its search space fingerprint differs")
+                + "). A resumed study must keep its space and strategy; pick a new --study name to search this one."
             )
         if [d.name.lower() for d in study.directions] != directions:
             raise StudyError(f"Study {name!r} has objective directions {study.directions}; this search needs {directions}.")
@@ -178,29 +209,33 @@ def create_or_resume_study(
     return study, False
 
 
+def _space_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """What defines a study's search and differs between its stored settings and ``new``, in words."""
+    def pick(settings: Mapping[str, Any]) -> dict[str, Any]:
+        space = settings.get("space") or {}
+        strategy = space.get("strategy") or {}
+        return {"task": space.get("task"), "budget": space.get("budget"), "groups": space.get("groups"),
+                "evaluation": space.get("evaluation"), "latency": space.get("latency"),
+                "strategy": strategy.get("name"), "objective": strategy.get("objective")}
+
+    before, now = pick(old), pick(json.loads(json.dumps(new, default=str)))
+    return [f"{key}: {before[key]!r} in the study, {now[key]!r} now" for key in before if before[key] != now[key]]
+
+
 def load_study(name: str, storage_url: str) -> optuna.Study:
     """Load an existing study for reading, naming the studies that exist when it does not."""
+    check_study_name(name)
     storage = open_storage(storage_url)
     try:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     except Exception as exc:
-        raise StorageError(f"Cannot read studies from {redact(storage_url)!r}: {str(exc).splitlines()[0][:300]}") from None
+        raise StorageError(f"Cannot read studies from {redact(storage_url)!r}: {short(exc)}") from None
     if name not in names:
         raise StudyError(
             f"No study named {name!r} in {redact(storage_url)}; studies there: {', '.join(names) or 'none'}. "
             "Pass the --study and --storage the search used."
         )
     return optuna.load_study(study_name=name, storage=storage)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def heartbeat_interval(study: optuna.Study) -> float | None:
@@ -256,7 +291,7 @@ def reap_dead_local_trials(study: optuna.Study, *, retry: bool = True) -> list[F
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = str(trial.user_attrs.get(ATTR_WORKER, ""))
         worker_host, _, pid = worker.rpartition(":")
-        if worker_host != host or not pid.isdigit() or _pid_alive(int(pid)):
+        if worker_host != host or not pid.isdigit() or pid_alive(int(pid)):
             continue
         try:
             study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)

@@ -13,6 +13,8 @@ import inspect
 import json
 import math
 import os
+import re
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from torch.utils.data import DataLoader
 from . import data as _data
 from . import models as _models
 from ._workdir import resolve_workdir
-from .errors import CheckpointError, TaskError
+from .errors import AutopruneError, CheckpointError, TaskError, short
 from .precision import Precision, resolve_precision
 from .train import ScoreFn, TrainRecipe, score_model, top1_accuracy, train_model
 
@@ -149,10 +151,16 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise CheckpointError(f"Checkpoint {path} does not exist.") from None
     except Exception as exc:  # weights_only raises UnpicklingError/RuntimeError on foreign objects
+        # torch's own message goes on to suggest weights_only=False, the one thing not to do with
+        # a file of unknown origin; say what it holds instead.
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        what = f"it holds a pickled {found.group(1)} object" if found else (
+            "it is empty" if Path(path).is_file() and Path(path).stat().st_size == 0
+            else f"it is not a readable PyTorch file ({type(exc).__name__})")
         raise CheckpointError(
-            f"Checkpoint {path} is not a plain state dict that loads with weights_only=True "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). autoprune never unpickles "
-            "arbitrary objects; save the model with torch.save(model.state_dict(), path)."
+            f"Checkpoint {path} is not a plain state dict that loads with torch.load(weights_only=True): "
+            f"{what}. autoprune never unpickles arbitrary objects, since loading them can run code; save "
+            "the model's weights with torch.save(model.state_dict(), path)."
         ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -172,7 +180,7 @@ def _load_weights(model: nn.Module, path: Path) -> None:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(
-            f"Checkpoint {path} does not fit the model: {str(exc).splitlines()[0][:300]}. Delete it "
+            f"Checkpoint {path} does not fit the model: {short(exc)}. Delete it "
             "and run `autoprune train` again."
         ) from None
 
@@ -325,12 +333,29 @@ def _load_builtin(
     )
 
 
+_USER_TASK = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*")
+
+
 def _load_user_task(spec: str, data_root: str | None, workdir: str | os.PathLike[str] | None) -> Task:
+    if not _USER_TASK.fullmatch(spec):
+        raise TaskError(
+            f"User task {spec!r} is not of the form 'package.module:function' (a dotted module path, a colon, "
+            f"a function name), and not a built-in task ({', '.join(_BUILTINS)})."
+        )
     module_name, _, func_name = spec.partition(":")
+    # As `python -m` does: a task module in the current directory imports without PYTHONPATH.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise TaskError(f"User task {spec!r}: cannot import module {module_name!r} ({exc}).") from None
+    except SyntaxError as exc:
+        raise TaskError(f"User task {spec!r}: module {module_name!r} has a syntax error at {exc.filename}, line "
+                        f"{exc.lineno}: {exc.msg}.") from None
+    except Exception as exc:
+        raise TaskError(f"User task {spec!r}: importing module {module_name!r} raised {type(exc).__name__}: "
+                        f"{short(exc)}") from exc
     factory = getattr(module, func_name, None)
     if not callable(factory):
         raise TaskError(f"User task {spec!r}: module {module_name!r} has no function {func_name!r}.")
@@ -338,8 +363,10 @@ def _load_user_task(spec: str, data_root: str | None, workdir: str | os.PathLike
     kwargs = {k: v for k, v in (("data_root", data_root), ("workdir", workdir)) if k in params}
     try:
         task = factory(**kwargs)
+    except AutopruneError:
+        raise
     except Exception as exc:
-        raise TaskError(f"User task {spec!r} raised {type(exc).__name__}: {exc}") from exc
+        raise TaskError(f"User task {spec!r} raised {type(exc).__name__}: {short(exc)}") from exc
     if not isinstance(task, Task):
         raise TaskError(f"User task {spec!r} returned {type(task).__name__}; it must return autoprune.Task.")
     task.model.eval()

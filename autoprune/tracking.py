@@ -7,6 +7,7 @@ trial that crashes ends its run FAILED rather than leaving it RUNNING.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -15,9 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import StorageError
+from ._workdir import exclusive_lock, sqlite_path
+from .errors import ConfigError, StorageError, redact, short
 
-__all__ = ["Tracker", "default_tracking_uri", "check_server", "TRACKING_PARAM_LIMIT"]
+__all__ = ["Tracker", "default_tracking_uri", "check_server", "check_tracking_uri", "TRACKING_PARAM_LIMIT"]
 
 TRACKING_PARAM_LIMIT = 100  # more groups than this are logged in plan.json only, not as params
 
@@ -53,28 +55,33 @@ class Tracker:
         if tracking_uri.startswith(("http://", "https://")):
             check_server(tracking_uri)
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        database = sqlite_path(tracking_uri)
+        lock = exclusive_lock(database.with_name(database.name + ".lock")) if database else contextlib.nullcontext()
+        with lock:
+            self.experiment_id = self._open_experiment(MlflowClient, experiment, artifact_root)
+        self.experiment = experiment
+
+    def _open_experiment(self, client_class: Any, experiment: str, artifact_root: Path | None) -> str:
+        tracking_uri = self.tracking_uri
         try:
+            self.client = client_class(tracking_uri=tracking_uri)
             found = self.client.get_experiment_by_name(experiment)
             if found is None:
                 location = artifact_root.resolve().as_uri() if artifact_root and not tracking_uri.startswith("http") else None
                 try:
-                    self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+                    return self.client.create_experiment(experiment, artifact_location=location)
                 except Exception:
                     # another worker created it a moment ago
                     found = self.client.get_experiment_by_name(experiment)
                     if found is None:
                         raise
-                    self.experiment_id = found.experiment_id
-            else:
-                self.experiment_id = found.experiment_id
+            return found.experiment_id
         except Exception as exc:
             raise StorageError(
-                f"Cannot reach the MLflow tracking store {tracking_uri!r}: {type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:300]}. Use sqlite:///path/mlflow.db or the http:// address "
+                f"Cannot reach the MLflow tracking store {redact(tracking_uri)!r}: {type(exc).__name__}: "
+                f"{short(exc)}. Use sqlite:///path/mlflow.db or the http:// address "
                 "of a running `mlflow server`."
             ) from None
-        self.experiment = experiment
 
     # -- runs ------------------------------------------------------------------------------
 
@@ -111,7 +118,7 @@ class Tracker:
     def _parents(self, search_key: str) -> list[str]:
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`autoprune.search_key` = '{search_key}' and tags.`autoprune.kind` = 'search'",
+            filter_string=f"tags.`autoprune.search_key` = {_quoted(search_key)} and tags.`autoprune.kind` = 'search'",
             order_by=["attributes.start_time ASC"], max_results=10,
         )
         return [r.info.run_id for r in sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))]
@@ -213,6 +220,26 @@ class Tracker:
         )
 
 
+_TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+
+def check_tracking_uri(uri: str) -> str:
+    """``uri`` if MLflow can track into it: a database backend or a tracking server.
+
+    A plain path (MLflow's file store) is refused: it is deprecated, and one search writes
+    hundreds of runs that it handles slowly.
+    """
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
+    if scheme not in _TRACKING_SCHEMES or (scheme != "databricks" and "://" not in uri):
+        raise ConfigError(
+            f"--tracking-uri {redact(uri)!r} is not an MLflow tracking URI autoprune accepts; use "
+            "sqlite:///path/to/mlflow.db (the default is one under the workdir) or the http(s):// address of "
+            "a running `mlflow server`; schemes allowed: " + ", ".join(_TRACKING_SCHEMES) + ". MLflow's file "
+            "store (a plain path or file:) is deprecated and not used."
+        )
+    return uri
+
+
 def check_server(tracking_uri: str, timeout: float = 5.0) -> None:
     """Fail fast, with a clear message, when an MLflow tracking server does not answer.
 
@@ -232,10 +259,20 @@ def check_server(tracking_uri: str, timeout: float = 5.0) -> None:
     except (urllib.error.URLError, OSError) as exc:
         problem = str(getattr(exc, "reason", exc))
     raise StorageError(
-        f"The MLflow tracking server {tracking_uri} does not answer ({problem} from {url}). Start it "
+        f"The MLflow tracking server {redact(tracking_uri)} does not answer ({redact(problem)} from {redact(url)}). Start it "
         "(mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db) or fix "
         "--tracking-uri; without a server, leave --tracking-uri out to log to the workdir's SQLite file."
     )
+
+
+def _quoted(value: str) -> str:
+    """``value`` as a string literal of MLflow's search filter syntax, which has no escapes: single
+    quotes, or double quotes around a value that holds a single quote."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise StorageError(f"The value {value!r} holds both quote characters and cannot be searched for in MLflow.")
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

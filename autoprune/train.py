@@ -21,7 +21,7 @@ from ._progress import progress_bar
 from .errors import CheckpointError
 from .precision import Precision, as_input, autocast, to_memory_format
 
-__all__ = ["TrainRecipe", "train_model", "score_model", "top1_accuracy"]
+__all__ = ["TrainRecipe", "train_model", "score_model", "predict", "top1_accuracy"]
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], float]
 
@@ -57,14 +57,13 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def score_model(
+def predict(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    score_fn: ScoreFn = top1_accuracy,
     *,
     precision: Precision = "fp32",
-) -> float:
-    """Score ``model`` in eval mode over all batches at once (so any metric, not only means).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model``'s outputs in eval mode over all batches, as float32 on the CPU, and the targets.
 
     With ``precision="bf16"`` the forward passes run under bf16 autocast (the model should be in
     the memory format :func:`autoprune.precision.to_memory_format` gives it).
@@ -76,7 +75,18 @@ def score_model(
         with autocast(precision, device):
             logits.append(model(as_input(x.to(device), precision)).float().cpu())
         targets.append(y)
-    return float(score_fn(torch.cat(logits), torch.cat(targets)))
+    return torch.cat(logits), torch.cat(targets)
+
+
+def score_model(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    score_fn: ScoreFn = top1_accuracy,
+    *,
+    precision: Precision = "fp32",
+) -> float:
+    """Score ``model`` in eval mode over all batches at once (so any metric, not only means)."""
+    return float(score_fn(*predict(model, batches, precision=precision)))
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
