@@ -518,11 +518,11 @@ def _tracker(settings: SearchSettings) -> Tracker:
     return Tracker(settings.tracking_uri, settings.space.display_name, artifact_root=settings.workdir / "mlartifacts")
 
 
-def _worker_main(settings_data: dict[str, Any], worker_index: int, parent_run_id: str) -> None:
-    """Entry point of an extra worker process (spawned): same search, own seed, shared study."""
+def _worker_main(settings_data: dict[str, Any], parent_run_id: str, coordinator: int) -> None:
+    """Entry point of an extra worker process (spawned): same search, shared study."""
+    _exit_with_parent(coordinator)
     settings = SearchSettings.from_dict(settings_data)
     torch.set_num_threads(settings.threads_per_worker)
-    _exit_with_parent()
     stop = _Stop()
     with stop.installed():
         prepared = _prepare(settings)
@@ -536,11 +536,12 @@ def _worker_main(settings_data: dict[str, Any], worker_index: int, parent_run_id
         _strategy_for(settings).search(session)
 
 
-def _exit_with_parent(poll_seconds: float = 1.0) -> None:
-    """End this worker process when its coordinator dies, even by SIGKILL (which cannot forward a
-    stop): the orphan would go on evaluating trials nobody waits for. Its running trial is then
-    reaped and retried by the next search on this machine, as after any kill."""
-    parent = os.getppid()
+def _exit_with_parent(parent: int, poll_seconds: float = 1.0) -> None:
+    """End this worker process when its coordinator ``parent`` dies, even by SIGKILL (which cannot
+    forward a stop): the orphan would go on evaluating trials nobody waits for. Its running trial
+    is then reaped and retried by the next search on this machine, as after any kill. The pid comes
+    from the coordinator: one that died while this process was still importing has already
+    handed it to another parent."""
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -658,8 +659,9 @@ def _start_workers(settings: SearchSettings, parent_run_id: str) -> list[multipr
         return []
     ctx = multiprocessing.get_context("spawn")
     processes = []
-    for index in range(settings.workers):
-        proc = ctx.Process(target=_worker_main, args=(settings.to_dict(), index, parent_run_id), daemon=False)
+    for _ in range(settings.workers):
+        proc = ctx.Process(target=_worker_main, args=(settings.to_dict(), parent_run_id, os.getpid()),
+                           daemon=False)
         proc.start()
         processes.append(proc)
     return processes
