@@ -126,24 +126,53 @@ class Budget:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Budget:
-        if not isinstance(data, Mapping) or len(data) != 1:
-            raise BudgetError(f"A budget is one 'metric: value' pair with metric in {', '.join(_METRICS)}; got {data!r}.")
+        """A budget from ``{"flops": 0.5}``: one metric, its value a number (not a string or a boolean)."""
+        if not isinstance(data, Mapping):
+            raise BudgetError(
+                f"A budget is one 'metric: value' pair such as {{flops: 0.5}}, with metric one of "
+                f"{', '.join(_METRICS)}; got {type(data).__name__} {data!r:.60}."
+            )
+        if len(data) != 1:
+            named = ", ".join(str(k) for k in data) or "none"
+            raise BudgetError(
+                f"A budget limits one metric at a time, got {len(data)} ({named}); give exactly one of "
+                f"{', '.join(_METRICS)}, e.g. {{flops: 0.5}}."
+            )
         ((key, value),) = data.items()
         if key not in _METRICS:
             raise BudgetError(f"Unknown budget metric {key!r}; allowed: {', '.join(_METRICS)}.")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise BudgetError(f"Budget {key}={value!r} is not a number.") from None
-        return cls(**{key: number})
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise BudgetError(
+                f"Budget {key}={value!r:.60} is not allowed: its value must be a number (a fraction in (0, 1) "
+                "of the dense model, or an absolute value), not "
+                + ("a boolean." if isinstance(value, bool) else f"{type(value).__name__}.")
+            )
+        return cls(**{key: float(value)})
 
     @classmethod
     def parse(cls, text: str) -> Budget:
         """Parse ``flops=0.5`` / ``params=120000`` / ``latency_ms=3`` as given on the command line."""
         key, sep, value = text.partition("=")
+        key, value = key.strip(), value.strip()
         if not sep:
             raise BudgetError(f"--budget {text!r} must look like flops=0.5, params=0.4, latency_ms=3.0 or latency=0.5.")
-        return cls.from_dict({key.strip(): value.strip()})
+        if any(c in value for c in "=,;") or len(value.split()) > 1:
+            raise BudgetError(
+                f"--budget {text!r} names more than one metric; one budget metric at a time is allowed: "
+                f"one of {', '.join(m + '=' for m in _METRICS)} (e.g. --budget flops=0.5)."
+            )
+        if key not in _METRICS:
+            raise BudgetError(f"Unknown budget metric {key!r} in --budget {text!r}; allowed: {', '.join(_METRICS)}.")
+        try:
+            number = float(value)
+        except ValueError:
+            raise BudgetError(
+                f"--budget {text!r}: {value!r} is not a number; use e.g. {key}=0.5."
+            ) from None
+        try:
+            return cls.from_dict({key: number})
+        except BudgetError as exc:
+            raise BudgetError(f"--budget {text!r}: {exc}") from None
 
 
 def resolve_bounds(
@@ -173,8 +202,9 @@ class _Grid:
         self, profile: ModelProfile, budget: Budget, bounds: Bounds | None, round_to: int,
         latency: LatencyModel | None = None,
     ) -> None:
-        if not isinstance(round_to, int) or round_to < 1:
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
             raise ConfigError(f"round_to must be a positive integer, got {round_to!r}.")
+        self.round_to = round_to
         self.profile = profile
         self.budget = budget
         self.bounds = resolve_bounds(profile, bounds)
@@ -230,8 +260,29 @@ class _Grid:
                 f"Budget {self.budget} ({self.limit:.4g} {self._unit()}) cannot be met: with the allowed "
                 f"ratio ranges the model reaches {self.budget.metric} between {low / dense:.4f} and "
                 f"{high / dense:.4f} of dense ({low:.4g} to {high:.4g}). Raise the budget or widen the "
-                "ratio ranges (groups.ratio, groups.include)."
+                "ratio ranges (groups.ratio, groups.include)." + self._round_to_note()
             )
+
+    def _round_to_note(self) -> str:
+        """Why rounding leaves groups dense, when it does: their ranges allow pruning, but no
+        multiple of round_to below their channel count is inside them."""
+        if self.round_to == 1:
+            return ""
+        stuck = [(name, int(n)) for name, n, hi, opts in zip(self.names, self.dense, self.hi, self.options)
+                 if hi > 0 and len(opts) == 1 and opts[0] == n]
+        if not stuck:
+            return ""
+        prunable = len(self.names) - len(stuck)
+        largest = max(int(n) for n in self.dense)
+        listed = ", ".join(f"{name} ({n})" for name, n in stuck[:6]) + (f" and {len(stuck) - 6} more" if len(stuck) > 6 else "")
+        return (
+            f" round_to={self.round_to} (groups.round_to in a search space) leaves {len(stuck)} of "
+            f"{len(self.names)} groups unprunable, as no multiple of {self.round_to} below their channel count "
+            f"is inside their ratio range: {listed}"
+            + (f"; the largest group has {largest} channels, so round_to must be below {largest} for any "
+               "group to be pruned" if prunable == 0 and self.round_to >= largest else "")
+            + ". Lower round_to (8 or 16 match vector units)."
+        )
 
     def _unit(self) -> str:
         return {"flops": "MACs", "params": "parameters"}.get(self.budget.metric, "ms")

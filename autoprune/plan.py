@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -21,12 +22,50 @@ import torch
 from torch import nn
 
 from . import pruning
-from .errors import PlanError, PlanMismatchError
+from .errors import BudgetError, PlanError, PlanMismatchError
 from .profile import ModelProfile, fingerprint_of
 
 __all__ = ["Plan", "PLAN_SCHEMA", "apply_plan", "check_plan_matches", "write_atomic"]
 
 PLAN_SCHEMA = "autoprune.plan/1"
+_PLAN_KEYS = ("schema", "task", "model_fingerprint", "input_shape", "budget", "ratios", "channels", "metrics",
+              "provenance")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _kind(value: Any) -> str:
+    """A JSON value as a message shows it."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "an object"
+    text = repr(list(value) if isinstance(value, tuple) else value)
+    if isinstance(value, (list, tuple)) and (len(text) > 60 or re.search(r"\[[A-Za-z#@/]", text)):
+        # long, or read as markup by a terminal renderer ([True, 1] would vanish in rich's output)
+        return f"a list of {len(value)} item{'' if len(value) == 1 else 's'}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -113,23 +152,57 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "plan") -> Plan:
+        """A plan from its JSON form, every field checked (types, ranges, consistency)."""
         if not isinstance(data, dict):
-            raise PlanError(f"{source}: a plan is a JSON object, got {type(data).__name__}.")
+            raise PlanError(f"{source}: a plan is a JSON object, got {_kind(data)}.")
+        if "schema" not in data:
+            raise PlanError(f"{source}: unknown plan schema (it has no 'schema' key); this autoprune reads {PLAN_SCHEMA!r}.")
         schema = data.get("schema")
         if schema != PLAN_SCHEMA:
-            raise PlanError(f"{source}: unknown plan schema {schema!r}; this autoprune reads {PLAN_SCHEMA!r}.")
+            raise PlanError(f"{source}: unknown plan schema {schema!r:.60}; this autoprune reads {PLAN_SCHEMA!r}.")
         missing = [k for k in ("model_fingerprint", "ratios", "channels", "input_shape") if k not in data]
         if missing:
             raise PlanError(f"{source}: missing required keys: {', '.join(missing)}.")
-        try:
-            channels = {str(k): (int(v[0]), int(v[1])) for k, v in data["channels"].items()}
-            ratios = {str(k): float(v) for k, v in data["ratios"].items()}
-            input_shape = tuple(int(d) for d in data["input_shape"])
-        except (TypeError, ValueError, IndexError, AttributeError) as exc:
-            raise PlanError(f"{source}: malformed ratios/channels/input_shape ({exc}).") from None
-        if set(ratios) != set(channels):
-            raise PlanError(f"{source}: 'ratios' and 'channels' name different groups.")
+        unknown = [str(k) for k in data if k not in _PLAN_KEYS]
+        if unknown:
+            raise PlanError(f"{source}: unknown keys {', '.join(map(repr, unknown[:5]))}; a plan has: {', '.join(_PLAN_KEYS)}.")
+
+        def bad(key: str, what: str) -> PlanError:
+            return PlanError(f"{source}: key {key!r}: {what}.")
+
+        fingerprint = data["model_fingerprint"]
+        if not isinstance(fingerprint, str):
+            raise bad("model_fingerprint", f"must be a string (sha256 hex digest), got {_kind(fingerprint)}")
+        task = data.get("task")
+        if task is not None and not isinstance(task, str):
+            raise bad("task", f"must be a task name or null, got {_kind(task)}")
+        shape = data["input_shape"]
+        if not isinstance(shape, (list, tuple)) or not shape or not all(_is_int(d) and d >= 1 for d in shape):
+            raise bad("input_shape", f"must be a list of positive integers such as [1, 3, 32, 32], got {_kind(shape)}")
+        input_shape = tuple(int(d) for d in shape)
+        raw_channels, raw_ratios = data["channels"], data["ratios"]
+        if not isinstance(raw_channels, dict):
+            raise bad("channels", f"must map group names to (dense, kept) channel counts, got {_kind(raw_channels)}")
+        if not isinstance(raw_ratios, dict):
+            raise bad("ratios", f"must map group names to the fraction of channels removed, got {_kind(raw_ratios)}")
+        channels: dict[str, tuple[int, int]] = {}
+        for name, counts in raw_channels.items():
+            if not (isinstance(counts, (list, tuple)) and len(counts) == 2 and all(_is_int(c) for c in counts)):
+                raise bad("channels", f"group {name!r} must be a pair of integers (dense channels, kept channels), "
+                                     f"got {_kind(counts)}")
+            channels[str(name)] = (int(counts[0]), int(counts[1]))
+        ratios: dict[str, float] = {}
+        for name, ratio in raw_ratios.items():
+            if not _is_number(ratio) or not math.isfinite(ratio) or not 0 <= ratio < 1:
+                raise bad("ratios", f"group {name!r} has ratio {_kind(ratio)}; allowed: a number in [0, 1) "
+                                    "(the fraction of channels removed)")
+            ratios[str(name)] = float(ratio)
+        extra = [n for n in ratios if n not in channels] + [n for n in channels if n not in ratios]
+        if extra:
+            raise PlanError(f"{source}: 'ratios' and 'channels' name different groups (first: {extra[0]!r}).")
         for name, (dense, keep) in channels.items():
+            if dense < 1:
+                raise bad("channels", f"group {name!r} has {dense} dense channels; a group has at least one")
             if not 1 <= keep <= dense:
                 raise PlanError(f"{source}: group {name!r} keeps {keep} of {dense} channels; allowed 1..{dense}.")
             if not math.isclose(ratios[name], (dense - keep) / dense, abs_tol=1e-6):
@@ -137,21 +210,48 @@ class Plan:
                     f"{source}: group {name!r} has ratio {ratios[name]} but channels {dense}->{keep} "
                     f"(ratio {(dense - keep) / dense:.6f}); ratios are the fraction of channels removed."
                 )
+        budget = data.get("budget")
+        if budget is not None:
+            if not isinstance(budget, dict):
+                raise bad("budget", f"must be an object such as {{\"flops\": 0.5}} or null, got {_kind(budget)}")
+            from .budget import Budget  # budget imports this module
+
+            try:
+                Budget.from_dict(budget)
+            except BudgetError as exc:
+                raise bad("budget", str(exc).rstrip(".")) from None
+        metrics = data.get("metrics")
+        if metrics is None:
+            metrics = {}
+        if not isinstance(metrics, dict):
+            raise bad("metrics", f"must be an object of numbers, got {_kind(metrics)}")
+        for name, value in metrics.items():
+            if value is not None and not _is_number(value):
+                raise bad("metrics", f"{name!r} must be a number, got {_kind(value)}")
+        provenance = data.get("provenance")
+        if provenance is None:
+            provenance = {}
+        if not isinstance(provenance, dict):
+            raise bad("provenance", f"must be an object, got {_kind(provenance)}")
         return cls(
-            ratios=ratios, channels=channels, model_fingerprint=str(data["model_fingerprint"]),
-            input_shape=input_shape, task=data.get("task"), budget=data.get("budget"),
-            metrics=dict(data.get("metrics") or {}), provenance=dict(data.get("provenance") or {}),
+            ratios=ratios, channels=channels, model_fingerprint=fingerprint,
+            input_shape=input_shape, task=task, budget=dict(budget) if budget is not None else None,
+            metrics=dict(metrics), provenance=dict(provenance),
         )
 
     @classmethod
     def from_json(cls, text: str, *, source: str = "plan") -> Plan:
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
         except json.JSONDecodeError as exc:
             raise PlanError(
                 f"{source} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
                 "it may be truncated. Plans are written by `autoprune export` or Plan.save()."
             ) from None
+        except _DuplicateKey as exc:
+            raise PlanError(f"{source}: key {exc.args[0]!r} appears twice in one object; each key may be given once.") from None
+        except RecursionError:
+            raise PlanError(f"{source} is not a plan: its JSON nests too deeply.") from None
         return cls.from_dict(data, source=source)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -162,10 +262,17 @@ class Plan:
     def load(cls, path: str | os.PathLike[str]) -> Plan:
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise PlanError(f"Plan file {path} does not exist.") from None
-        except (OSError, UnicodeDecodeError) as exc:
+        except IsADirectoryError:
+            raise PlanError(f"Plan file {path} is a directory; a plan is a JSON file (plan.json of `autoprune export`).") from None
+        except UnicodeDecodeError as exc:
+            raise PlanError(
+                f"Plan file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                "a plan is a JSON file written by `autoprune export` or Plan.save()."
+            ) from None
+        except OSError as exc:
             raise PlanError(f"Plan file {path} cannot be read ({exc}).") from None
         return cls.from_json(text, source=f"plan file {path}")
 
@@ -175,7 +282,7 @@ def write_atomic(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
@@ -184,29 +291,73 @@ def write_atomic(path: Path, text: str) -> Path:
     return path
 
 
-def check_plan_matches(plan: Plan, groups: list[tuple[str, int]], *, what: str = "the model") -> None:
-    """Refuse a plan made for another group structure, naming the first groups that differ."""
-    if plan.model_fingerprint == fingerprint_of(groups):
-        return
-    planned = [(name, dense) for name, (dense, _) in plan.channels.items()]
-    differences = []
+def check_plan_matches(
+    plan: Plan,
+    groups: list[tuple[str, int]],
+    *,
+    what: str = "the model",
+    input_shape: tuple[int, ...] | torch.Size | None = None,
+) -> None:
+    """Refuse a plan that does not fit a model, naming the first difference.
+
+    ``groups`` are the model's (name, dense channels) in profile order; ``input_shape`` its example
+    input's shape, when known. Every field is checked, not only the plan's fingerprint (a plan
+    file can be edited): group names and their order, dense channel counts, kept counts within
+    1..dense, ratios consistent with the counts, the input shape (batch size aside: it does not
+    change the pruned architecture) and the fingerprint.
+    """
+    groups = [(str(name), int(dense)) for name, dense in groups]
+    task = f" (made for task {plan.task!r})" if plan.task else ""
+
+    def refuse(detail: str, error: type[PlanError] = PlanMismatchError) -> PlanError:
+        return error(
+            f"The plan{task} does not fit {what}: {detail}. Use a plan exported for this model, or run a search on it."
+        )
+
+    try:
+        planned = [(str(name), dense, keep) for name, (dense, keep) in plan.channels.items()]
+    except (TypeError, ValueError, AttributeError):
+        raise refuse("its 'channels' are not (dense, kept) pairs per group", PlanError) from None
     model_groups = dict(groups)
-    for name, dense in planned:
+    differences = []
+    for name, dense, _ in planned:
         if name not in model_groups:
             differences.append(f"{name!r} ({dense} channels) is not a group of {what}")
         elif model_groups[name] != dense:
             differences.append(f"{name!r} has {model_groups[name]} channels in {what} but {dense} in the plan")
+    planned_names = {name for name, _, _ in planned}
     for name, dense in groups:
-        if name not in plan.channels:
+        if name not in planned_names:
             differences.append(f"{what} has group {name!r} ({dense} channels) that the plan lacks")
-    if not differences:
-        differences.append("the groups are the same but listed in another order")
-    task = f" (made for task {plan.task!r})" if plan.task else ""
-    raise PlanMismatchError(
-        f"The plan{task} does not fit {what}: " + "; ".join(differences[:3])
-        + (f"; and {len(differences) - 3} more" if len(differences) > 3 else "")
-        + ". Use a plan exported for this model, or run a search on it."
-    )
+    if differences:
+        raise refuse("; ".join(differences[:3]) + (f"; and {len(differences) - 3} more" if len(differences) > 3 else ""))
+    order = [name for name, _, _ in planned]
+    if order != [name for name, _ in groups]:
+        at = next(i for i, (a, (b, _)) in enumerate(zip(order, groups)) if a != b)
+        raise refuse(f"the groups are the same but listed in another order (position {at}: {order[at]!r} in the "
+                     f"plan, {groups[at][0]!r} in {what})")
+    for name, dense, keep in planned:
+        if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or not 1 <= keep <= dense:
+            raise refuse(f"group {name!r} keeps {keep!r} of {dense} channels; allowed: an integer in 1..{dense}", PlanError)
+    for name, dense, keep in planned:
+        ratio = plan.ratios.get(name) if isinstance(plan.ratios, Mapping) else None
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
+            raise refuse(f"group {name!r} has ratio {ratio!r}; a ratio is the fraction of channels removed", PlanError)
+        if not math.isclose(ratio, (dense - keep) / dense, abs_tol=1e-6):
+            raise refuse(f"group {name!r} has ratio {ratio} but channels {dense}->{keep} (ratio "
+                         f"{(dense - keep) / dense:.6f})", PlanError)
+    extra = sorted(set(plan.ratios) - planned_names)
+    if extra:
+        raise refuse(f"its ratios name {extra[0]!r}, which has no channel counts in the plan", PlanError)
+    if input_shape is not None:
+        expected = tuple(int(d) for d in input_shape)
+        given = tuple(plan.input_shape)
+        if len(given) != len(expected) or given[1:] != expected[1:]:
+            raise refuse(f"the plan was made for inputs of shape {given} but {what} takes {expected}")
+    fingerprint = fingerprint_of(groups)
+    if plan.model_fingerprint != fingerprint:
+        raise refuse(f"its model_fingerprint {str(plan.model_fingerprint)[:16]!r}... is not the fingerprint of "
+                     f"these groups ({fingerprint[:16]}...); the plan file was edited or corrupted")
 
 
 def apply_plan(
@@ -225,8 +376,15 @@ def apply_plan(
     needs ``batches``). ``model`` is not modified. The plan is refused if it was made for a model
     with other groups. ``example_input`` defaults to zeros of the plan's input shape.
     """
+    given_input = example_input is not None
     if example_input is None:
-        example_input = torch.zeros(plan.input_shape)
+        if math.prod(plan.input_shape) > 2**31:
+            raise PlanError(f"The plan's input shape {tuple(plan.input_shape)} is too large to trace the model with; "
+                            "pass example_input=.")
+        try:
+            example_input = torch.zeros(plan.input_shape)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise PlanError(f"The plan's input shape {tuple(plan.input_shape)} cannot be built ({exc}).") from None
     try:
         groups = pruning.find_groups(model, example_input, ignored_layers)
     except RuntimeError as exc:
@@ -234,7 +392,8 @@ def apply_plan(
             f"The plan's input shape {tuple(example_input.shape)} does not fit the model "
             f"({str(exc).splitlines()[0][:200]}); the plan was made for another model."
         ) from None
-    check_plan_matches(plan, [(g.name, g.channels) for g in groups])
+    check_plan_matches(plan, [(g.name, g.channels) for g in groups],
+                       input_shape=tuple(example_input.shape) if given_input else None)
     if scores is None:
         criterion = pruning.make_importance(importance)
         scores = pruning.channel_scores(

@@ -10,13 +10,17 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
+import numbers
 import os
+import re
+import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from .budget import Budget
 from .errors import BudgetError, ConfigError
@@ -42,6 +46,46 @@ SAMPLERS = ("tpe", "gp", "cmaes", "random", "qmc", "nsga2")
 AGENTS = ("ddpg", "td3", "sac")
 OBJECTIVES = ("score", "pareto")
 REWARDS = ("error", "flops")
+SEED_MAX = 2**32 - 1  # numpy, torch and stable-baselines3 all take 32-bit unsigned seeds
+
+
+def _show(value: Any) -> str:
+    """A value as a message shows it: YAML spellings for booleans and null, short reprs otherwise."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if value is None:
+        return "null (an empty value)"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)} item{'' if len(value) == 1 else 's'}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number_check(integer: bool, optional: bool = False) -> BeforeValidator:
+    """Refuse what pydantic would coerce into a number: booleans, strings (``"3"``), non-finite floats."""
+    kind = "an integer" if integer else "a number"
+
+    def check(value: Any) -> Any:
+        if value is None and optional:
+            return value
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"must be {kind}{' or null' if optional else ''}, got {_show(value)}")
+        if not math.isfinite(float(value)):
+            raise ValueError(f"must be a finite number, got {value}")
+        if integer and not isinstance(value, numbers.Integral):
+            if not float(value).is_integer():
+                raise ValueError(f"must be a whole number, got {value}")
+            return int(value)
+        return int(value) if integer else float(value)
+
+    return BeforeValidator(check)
+
+
+_Int = Annotated[int, _number_check(integer=True)]
+_Float = Annotated[float, _number_check(integer=False)]
+_OptionalInt = Annotated[Optional[int], _number_check(integer=True, optional=True)]
 
 
 class _Strict(BaseModel):
@@ -53,8 +97,8 @@ class GroupSelection(_Strict):
 
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
-    ratio: tuple[float, float] = (0.0, 0.8)
-    round_to: int = Field(default=1, ge=1)
+    ratio: tuple[_Float, _Float] = (0.0, 0.8)
+    round_to: _Int = Field(default=1, ge=1)
 
     @field_validator("ratio")
     @classmethod
@@ -82,15 +126,25 @@ class GroupSelection(_Strict):
         ]
         if not selected:
             raise ConfigError(f"{source}: key 'groups': include/exclude leave no group to prune.")
+        if self.round_to > 1 and self.ratio[1] > 0:
+            channels = {g.name: g.channels for g in profile.groups}
+            largest = max(selected, key=lambda n: channels[n])
+            if self.round_to >= channels[largest]:
+                raise ConfigError(
+                    f"{source}: key 'groups.round_to': round_to={self.round_to} leaves no group prunable: a "
+                    f"group keeps a multiple of round_to below its channel count, and the largest searched "
+                    f"group, {largest!r}, has {channels[largest]} channels. Use a round_to below "
+                    f"{channels[largest]} (8 or 16 match the vector units of GPUs and CPUs)."
+                )
         return {n: (tuple(self.ratio) if n in selected else (0.0, 0.0)) for n in names}  # type: ignore[misc]
 
 
 class EvaluationSettings(_Strict):
     """How a candidate is scored (see :class:`autoprune.Evaluator`)."""
 
-    calibration_batches: int = Field(default=16, ge=0)
-    val_samples: int | None = Field(default=2000, ge=1)
-    finetune_steps: int = Field(default=0, ge=0)
+    calibration_batches: _Int = Field(default=16, ge=0)
+    val_samples: _OptionalInt = Field(default=2000, ge=1)
+    finetune_steps: _Int = Field(default=0, ge=0)
     importance: str = "l1"
 
     @field_validator("importance")
@@ -110,55 +164,62 @@ class RLSettings(_Strict):
     """
 
     agent: Literal["ddpg", "td3", "sac"] = "ddpg"
-    warmup_episodes: int = Field(default=10, ge=0)
-    noise_sigma: float = Field(default=1.0, gt=0)
-    noise_decay: float = Field(default=0.97, gt=0, le=1)
-    buffer_episodes: int = Field(default=200, ge=1)
-    learning_rate_actor: float = Field(default=1e-4, gt=0)
-    learning_rate_critic: float = Field(default=1e-3, gt=0)
-    tau: float = Field(default=0.01, gt=0, le=1)
-    batch_size: int = Field(default=64, ge=1)
-    gradient_steps_per_episode: int = Field(default=20, ge=1)
+    warmup_episodes: _Int = Field(default=10, ge=0)
+    noise_sigma: _Float = Field(default=1.0, gt=0)
+    noise_decay: _Float = Field(default=0.97, gt=0, le=1)
+    buffer_episodes: _Int = Field(default=200, ge=1)
+    learning_rate_actor: _Float = Field(default=1e-4, gt=0)
+    learning_rate_critic: _Float = Field(default=1e-3, gt=0)
+    tau: _Float = Field(default=0.01, gt=0, le=1)
+    batch_size: _Int = Field(default=64, ge=1)
+    gradient_steps_per_episode: _Int = Field(default=20, ge=1)
     reward: Literal["error", "flops"] = "error"
 
 
 class LatencySpec(_Strict):
     """How latency is measured on the target device (see :class:`autoprune.latency.LatencySettings`)."""
 
-    batch_size: int = Field(default=1, ge=1)
-    threads: int = Field(default=1, ge=1)
-    repeats: int = Field(default=30, ge=1)
+    batch_size: _Int = Field(default=1, ge=1)
+    threads: _Int = Field(default=1, ge=1)
+    repeats: _Int = Field(default=30, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"
-    tolerance: float = Field(default=0.05, ge=0, lt=1)
+    tolerance: _Float = Field(default=0.05, ge=0, lt=1)
 
 
 class StrategySettings(_Strict):
     name: Literal["optuna", "rl", "random", "uniform", "global"] = "optuna"
     sampler: Literal["tpe", "gp", "cmaes", "random", "qmc", "nsga2"] = "tpe"
-    trials: int = Field(default=40, ge=1)
-    seed: int = 0
+    trials: _Int = Field(default=40, ge=1)
+    seed: _Int = 0
     objective: Literal["score", "pareto"] = "score"
     rl: RLSettings = Field(default_factory=RLSettings)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, v: int) -> int:
+        if not 0 <= v <= SEED_MAX:
+            raise ValueError(f"seed {v} is out of range; allowed: an integer in 0..{SEED_MAX} (2**32 - 1)")
+        return v
 
 
 class SearchSpace(_Strict):
     """A validated search space file."""
 
     task: str = "digits-cnn"
-    budget: dict[str, float] = Field(default_factory=lambda: {"flops": 0.5})
+    budget: dict[str, Any] = Field(default_factory=lambda: {"flops": 0.5})
     groups: GroupSelection = Field(default_factory=GroupSelection)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     strategy: StrategySettings = Field(default_factory=StrategySettings)
     latency: LatencySpec | None = None
     name: str | None = None
 
-    @model_validator(mode="after")
-    def _budget_valid(self) -> SearchSpace:
+    @field_validator("budget")
+    @classmethod
+    def _budget_valid(cls, v: dict[str, Any]) -> dict[str, float]:
         try:
-            Budget.from_dict(self.budget)
+            return Budget.from_dict(v).to_dict()
         except BudgetError as exc:
-            raise ValueError(str(exc)) from None
-        return self
+            raise ValueError(str(exc).rstrip(".")) from None
 
     @property
     def budget_obj(self) -> Budget:
@@ -190,6 +251,8 @@ class SearchSpace(_Strict):
             *parents, leaf = dotted.split(".")
             node = data
             for p in parents:
+                if not isinstance(node.get(p), dict):
+                    raise ConfigError(f"Cannot set {dotted!r}: the search space has no {p!r} section.")
                 node = node[p]
             node[leaf] = value
         return _validate(data, source=f"Search space {self.display_name!r} with the command-line options",
@@ -211,12 +274,20 @@ def _format_error(source: str, exc: ValidationError, flags: Mapping[str, str] | 
         if err["type"] == "extra_forbidden":
             parent = err["loc"][:-1]
             allowed = _allowed_keys(parent)
-            msg = f"unknown key; allowed keys here: {', '.join(allowed)}"
+            msg = f"unknown key; allowed keys here: {', '.join(allowed)}" if allowed else "unknown key"
+        elif err["type"] in ("model_type", "dict_type"):
+            allowed = _allowed_keys(err["loc"])
+            msg = ("must be a mapping" + (f" of keys ({', '.join(allowed)})" if allowed else "")
+                   + f", got {_show(err.get('input'))}")
+        elif err["type"] == "invalid_key":
+            msg = f"keys must be strings, got {_show(err.get('input'))}"
         elif err["type"] == "literal_error":
-            msg = f"value {err.get('input')!r} is not allowed; {msg[0].lower() + msg[1:]}"
+            msg = f"value {_show(err.get('input'))} is not allowed; {msg[0].lower() + msg[1:]}"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
-        parts.append(f"{label}: {msg}")
+        elif err["type"] != "missing" and "input" in err:
+            msg = f"{msg} (got {_show(err['input'])})"
+        parts.append(f"{label}: {msg.rstrip('.')}")
     return f"{source} is not a valid search space: " + "; ".join(parts) + "."
 
 
@@ -225,21 +296,61 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     for part in loc:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        candidates = [annotation, *typing.get_args(annotation)]  # LatencySpec | None -> LatencySpec
+        found = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not found:
             return []
-        model = annotation
+        model = found[0]
     return list(model.model_fields)
 
 
 def _validate(data: Any, *, source: str, flags: Mapping[str, str] | None = None) -> SearchSpace:
-    if data is None:
-        data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{source} must be a YAML mapping of keys (task, budget, groups, evaluation, strategy).")
+        raise ConfigError(
+            f"{source} must be a YAML mapping of keys (task, budget, groups, evaluation, strategy, latency, "
+            f"name), got {_show(data)}. See search_spaces/default.yaml for an example."
+        )
     try:
         return SearchSpace.model_validate(dict(data))
     except ValidationError as exc:
         raise ConfigError(_format_error(source, exc, flags)) from None
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first_line: int, line: int) -> None:
+        super().__init__(f"key {key!r} appears twice")
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+class _SpaceLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently), and reads
+    exponent floats without a dot (``1e-4``) as numbers, as YAML 1.2 does, not as strings."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # keys merged in from an anchor may be overridden; that is what << is for
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:
+                    continue  # an unhashable key: SafeLoader refuses it with its own error
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise _DuplicateKey(key, first, line)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_SpaceLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+_EXAMPLE = "search_spaces/default.yaml"
 
 
 def find_space(name_or_path: str | os.PathLike[str]) -> Path:
@@ -247,6 +358,13 @@ def find_space(name_or_path: str | os.PathLike[str]) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ConfigError(
+            f"Search space {str(name_or_path)!r} is a directory; a search space is a YAML file "
+            f"(e.g. {_EXAMPLE}), given by its path or by its name in search_spaces/."
+        )
+    if path.exists():
+        raise ConfigError(f"Search space {str(name_or_path)!r} is not a regular file; a search space is a YAML file.")
     stem = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
     candidates = list(dict.fromkeys(
         [Path.cwd() / "search_spaces" / stem, Path(__file__).resolve().parent.parent / "search_spaces" / stem]))
@@ -259,14 +377,49 @@ def find_space(name_or_path: str | os.PathLike[str]) -> Path:
     )
 
 
+def _read_yaml(path: Path) -> Any:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"Search space file {path} cannot be read ({exc.strerror or exc}).") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"Search space file {path} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start} "
+            "cannot be decoded); a search space is a YAML file saved as UTF-8."
+        ) from None
+    try:
+        return yaml.load(text, Loader=_SpaceLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise ConfigError(
+            f"Search space file {path}: key {exc.key!r} appears twice (line {exc.first_line} and line {exc.line}); "
+            "each key may be given once in a mapping."
+        ) from None
+    except yaml.YAMLError as exc:
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"Search space file {path} is not valid YAML: {detail}") from None
+    except RecursionError:
+        raise ConfigError(f"Search space file {path} is not a usable YAML file: it nests too deeply.") from None
+
+
 def load_space(name_or_path: str | os.PathLike[str]) -> SearchSpace:
     """Load and validate a search space YAML file (path, or name such as ``default``)."""
     path = find_space(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"Search space file {path} is not valid YAML: {exc}") from None
-    space = _validate(data, source=f"Search space file {path}")
+    data = _read_yaml(path)
+    source = f"Search space file {path}"
+    if data is None:
+        raise ConfigError(
+            f"{source} is empty (or holds only comments); a search space needs at least `task:` (a built-in "
+            f"task such as digits-cnn, or package.module:function), usually with budget: and strategy:. "
+            f"See {_EXAMPLE} for a complete example."
+        )
+    space = _validate(data, source=source)
+    if "task" not in data:
+        raise ConfigError(
+            f"{source} names no task; a search space needs at least `task:` (a built-in task such as "
+            f"digits-cnn, or package.module:function). See {_EXAMPLE} for a complete example."
+        )
     if space.name is None:
         space = space.model_copy(update={"name": path.stem if path.stem != "default" else space.task})
     return space

@@ -165,3 +165,183 @@ def test_export_refuses_an_unknown_choice_before_any_work(capsys, workdir, tmp_p
 def test_real_process_exit_status_and_no_traceback(workdir):
     done = run_cli("search", "--budget", "flops=2.5e-9", "--workdir", str(workdir))
     assert done.returncode == 2 and "error:" in done.stderr and "Traceback" not in done.stderr + done.stdout
+
+
+def test_space_file_that_is_not_utf8(capsys, tmp_path):
+    workdir = tmp_path / "home"  # refused before any task is loaded
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("task: digits-cnn\nname: caf\u00e9\n".encode("latin-1"))
+    _refused(capsys, workdir, "search", "--space", str(path), expect=[str(path), "is not UTF-8 text"])
+
+
+@pytest.mark.parametrize("text, words", [
+    ("task: digits-cnn\nbudget: {flops: 0.5}\nbudget: {flops: 0.2}\n", "key 'budget' appears twice (line 2 and line 3)"),
+    ("task: digits-cnn\nstrategy:\n  trials: 5\n  trials: 50\n", "key 'trials' appears twice (line 3 and line 4)"),
+])
+def test_duplicate_key_in_space_file(capsys, tmp_path, text, words):
+    workdir = tmp_path / "home"  # refused before any task is loaded
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    _refused(capsys, workdir, "search", "--space", str(path), expect=[str(path), words])
+
+
+@pytest.mark.parametrize("text, words", [
+    ("", "is empty"), ("# nothing here\n\n# yet\n", "is empty"), ("budget: {flops: 0.3}\n", "names no task"),
+])
+def test_space_file_without_settings_or_task(capsys, tmp_path, text, words):
+    workdir = tmp_path / "home"  # refused before any task is loaded
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    _refused(capsys, workdir, "search", "--space", str(path),
+             expect=[str(path), words, "needs at least `task:`", "search_spaces/default.yaml"])
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"strategy__trials": True}, "key 'strategy.trials': must be an integer, got the boolean true"),
+    ({"strategy__seed": "3"}, "key 'strategy.seed': must be an integer, got '3'"),
+    ({"groups__round_to": True}, "key 'groups.round_to': must be an integer"),
+    ({"groups__ratio": [0.0, "0.5"]}, "key 'groups.ratio.1': must be a number, got '0.5'"),
+    ({"evaluation__val_samples": True}, "key 'evaluation.val_samples': must be an integer or null"),
+    ({"evaluation__calibration_batches": "16"}, "key 'evaluation.calibration_batches': must be an integer"),
+    ({"strategy__rl": {"tau": True}}, "key 'strategy.rl.tau': must be a number, got the boolean true"),
+    ({"strategy__rl": {"noise_sigma": float("inf")}}, "key 'strategy.rl.noise_sigma': must be a finite number"),
+    ({"latency": {"threads": False}}, "key 'latency.threads': must be an integer"),
+    ({"budget": {"flops": True}}, "key 'budget': Budget flops=True is not allowed"),
+    ({"budget": {"params": "0.4"}}, "key 'budget': Budget params='0.4' is not allowed"),
+])
+def test_booleans_and_strings_are_not_numbers_in_space_files(capsys, tmp_path, change, words):
+    workdir = tmp_path / "home"  # refused before any task is loaded
+    _refused(capsys, workdir, "search", "--space", _space(tmp_path, **change), expect=[words])
+
+
+def test_space_still_validates_after_a_json_round_trip(tmp_path):
+    from autoprune.search import SearchSettings, resolve_settings
+
+    settings = resolve_settings("default", seed=7, n_trials=3, workdir=tmp_path)
+    again = SearchSettings.from_dict(json.loads(json.dumps(settings.to_dict())))
+    assert again.space == settings.space and again.space.groups.ratio == (0.0, 0.8)
+
+
+def test_seed_outside_32_bits_is_refused(capsys, tmp_path):
+    workdir = tmp_path / "home"  # refused before any task is loaded
+    _refused(capsys, workdir, "search", "--space", _space(tmp_path, strategy__seed=2**32),
+             expect=["key 'strategy.seed'", "seed 4294967296 is out of range", "0..4294967295"])
+    _refused(capsys, workdir, "search", "--seed", "-1",
+             expect=["key 'strategy.seed' (option --seed)", "seed -1 is out of range", "0..4294967295"])
+
+
+def test_space_that_is_a_directory(capsys, tmp_path):
+    workdir = tmp_path / "home"  # refused before any task is loaded
+    _refused(capsys, workdir, "search", "--space", str(tmp_path),
+             expect=[f"Search space {str(tmp_path)!r} is a directory", "a search space is a YAML file"])
+
+
+def test_budget_with_two_metrics(capsys, tmp_path):
+    workdir = tmp_path / "home"  # refused before any task is loaded
+    out = _refused(capsys, workdir, "search", "--budget", "flops=0.5,params=0.5",
+                   expect=["one budget metric at a time", "flops=, params=, latency_ms=, latency="])
+    assert "is not a number" not in out
+    out = _refused(capsys, workdir, "search", "--space", _space(tmp_path, budget={"flops": 0.5, "params": 0.5}),
+                   expect=["key 'budget'", "one metric at a time, got 2 (flops, params)",
+                           "flops, params, latency_ms, latency"])
+    assert "(top level)" not in out and ".." not in out
+
+
+def test_round_to_larger_than_every_group(capsys, workdir, tmp_path, digits_profile):
+    import autoprune as ap
+
+    _refused(capsys, workdir, "search", "--space", _space(tmp_path, groups__round_to=256),
+             expect=["key 'groups.round_to'", "round_to=256", "'conv3', has 128 channels"])
+    with pytest.raises(ap.InfeasibleBudgetError, match=r"round_to=256 \(groups\.round_to.*largest group has 128 channels"):
+        ap.uniform_plan(digits_profile, ap.Budget(flops=0.5), round_to=256)
+
+
+def _apply_refused(capsys, workdir, tmp_path, data, words):
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(data))
+    out_file = tmp_path / "pruned.pt"
+    code, out = _cli(capsys, "apply", "--plan", str(path), "--task", "digits-cnn", "--out", str(out_file),
+                     "--workdir", str(workdir))
+    assert code == 2 and "error:" in out and "Traceback" not in out, out
+    assert words in out, (words, out)
+    assert not out_file.exists()
+
+
+def test_plans_are_checked_field_by_field_not_by_their_fingerprint(capsys, workdir, tmp_path, digits_profile):
+    from dataclasses import replace
+
+    import autoprune as ap
+    from autoprune.plan import check_plan_matches
+
+    plan = ap.uniform_plan(digits_profile, ap.Budget(flops=0.5))
+    base = plan.to_dict()  # every edit below keeps the model's true fingerprint
+    missing = json.loads(json.dumps(base))
+    del missing["channels"]["fc1"], missing["ratios"]["fc1"]
+    _apply_refused(capsys, workdir, tmp_path, missing, "the model has group 'fc1' (128 channels) that the plan lacks")
+    extra = json.loads(json.dumps(base))
+    extra["channels"]["conv9"], extra["ratios"]["conv9"] = [64, 32], 0.5
+    _apply_refused(capsys, workdir, tmp_path, extra, "'conv9' (64 channels) is not a group of the model")
+    wider = json.loads(json.dumps(base))
+    wider["channels"]["conv1"] = [64, 2 * wider["channels"]["conv1"][1]]
+    _apply_refused(capsys, workdir, tmp_path, wider, "'conv1' has 32 channels in the model but 64 in the plan")
+    reordered = json.loads(json.dumps(base))
+    reordered["channels"] = dict(reversed(list(reordered["channels"].items())))
+    _apply_refused(capsys, workdir, tmp_path, reordered, "listed in another order (position 0: 'fc1' in the plan")
+    shape = json.loads(json.dumps(base))
+    shape["input_shape"] = [1, 3, 8, 8]
+    _apply_refused(capsys, workdir, tmp_path, shape, "made for inputs of shape (1, 3, 8, 8) but the model takes (1, 1, 8, 8)")
+    edited = json.loads(json.dumps(base))
+    edited["model_fingerprint"] = "0" * 64
+    _apply_refused(capsys, workdir, tmp_path, edited, "model_fingerprint '0000000000000000'... is not the fingerprint")
+
+    groups = [(g.name, g.channels) for g in digits_profile.groups]
+    contradicting = replace(plan, ratios={**plan.ratios, "conv2": 0.1})
+    with pytest.raises(ap.PlanError, match="group 'conv2' has ratio 0.1 but channels"):
+        check_plan_matches(contradicting, groups)
+    with pytest.raises(ap.PlanError, match="keeps 0 of 32"):
+        check_plan_matches(replace(plan, channels={**plan.channels, "conv1": (32, 0)}), groups)
+    with pytest.raises(ap.PlanMismatchError, match=r"inputs of shape \(1, 1, 8, 8\) but task 'x' takes \(1, 1, 28, 28\)"):
+        check_plan_matches(plan, groups, what="task 'x'", input_shape=(1, 1, 28, 28))
+    check_plan_matches(plan, groups, input_shape=(4, 1, 8, 8))  # the batch size does not matter
+
+
+def _untrained_digits_profile():
+    import autoprune as ap
+    from autoprune.task import dense_model
+
+    return ap.profile_model(*dense_model("digits-cnn", pretrained=False))  # the groups of digits-cnn, untrained
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("ratios", {"conv1": float("nan")}, "key 'ratios': group 'conv1' has ratio nan"),
+    ("ratios", {"conv1": True}, "key 'ratios': group 'conv1' has ratio the boolean true"),
+    ("channels", {"conv1": [32, True]}, "key 'channels': group 'conv1' must be a pair of integers (dense channels, kept channels)"),
+    ("channels", {"conv1": ["32", 16]}, "key 'channels': group 'conv1' must be a pair of integers"),
+    ("input_shape", [1, True, 8, 8], "key 'input_shape': must be a list of positive integers"),
+    ("model_fingerprint", 12, "key 'model_fingerprint': must be a string"),
+    ("budget", [0.5], "key 'budget': must be an object"),
+    ("budget", {"flops": True}, "key 'budget': Budget flops=True is not allowed"),
+    ("metrics", "fast", "key 'metrics': must be an object"),
+    ("metrics", {"val_score": False}, "key 'metrics': 'val_score' must be a number"),
+    ("provenance", ["optuna"], "key 'provenance': must be an object"),
+    ("ratioz", {}, "unknown keys 'ratioz'"),
+])
+def test_plan_from_dict_refuses_bad_fields(key, value, words):
+    import autoprune as ap
+
+    data = ap.uniform_plan(_untrained_digits_profile(), ap.Budget(flops=0.5)).to_dict()
+    if key in ("ratios", "channels"):
+        data[key] = {**data[key], **value}
+    else:
+        data[key] = value
+    with pytest.raises(ap.PlanError) as info:
+        ap.Plan.from_json(json.dumps(data), source="plan file p.json")
+    assert words in str(info.value) and "plan file p.json" in str(info.value)
+
+
+def test_plan_with_a_duplicate_key_is_refused():
+    import autoprune as ap
+
+    text = ap.uniform_plan(_untrained_digits_profile(), ap.Budget(flops=0.5)).to_json()
+    with pytest.raises(ap.PlanError, match="key 'task' appears twice"):
+        ap.Plan.from_json(text.replace("{", '{"task": "fashionmnist-cnn", ', 1))
