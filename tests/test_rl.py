@@ -26,7 +26,8 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import autoprune as ap
 from autoprune.space import RLSettings
-from autoprune.strategies.rl.agent import CHECKPOINT_FILE, AgentState, _CheckpointStore, _new_model, run_agent
+from autoprune.strategies.rl._checkpoint import _CheckpointStore
+from autoprune.strategies.rl.agent import CHECKPOINT_FILE, AgentState, _model_factory, _new_model, run_agent
 from autoprune.strategies.rl.env import ENV_ID, FEATURES, PruningEnv, TrialFailed
 from autoprune.study import completed_trials
 from autoprune.task import dense_model
@@ -258,6 +259,14 @@ def test_an_rl_search_run_again_with_more_trials_resumes_its_agent(workdir, tmp_
     with pytest.raises(ap.ConfigError, match="agent is 'ddpg'"):
         ap.search(space, n_trials=8, agent="td3", workdir=workdir, show_progress=False)
 
+    # A new study under the same name (the old one deleted) starts a fresh agent: the old checkpoint
+    # belonged to the deleted study, and would even refuse this run's agent.
+    optuna.delete_study(study_name=second.study_name, storage=second.storage_url)
+    third = ap.search(space, n_trials=2, agent="td3", workdir=workdir, show_progress=False)
+    assert third.n_finished == 2 and third.study_name == first.study_name
+    state = json.loads(pointer.read_text())
+    assert state["episodes"] == 2 and state["agent"] == "td3"
+
 
 # A few episodes on the digits profile: cheap enough to checkpoint several agents in one test.
 SMALL = {"warmup_episodes": 2, "gradient_steps_per_episode": 3, "batch_size": 8}
@@ -388,7 +397,8 @@ def test_a_checkpoint_round_trip_restores_weights_optimizers_and_replay_buffer(a
     store.save(model, AgentState(episodes=5, noise_sigma=0.5), settings, steps)
 
     fresh_env = PruningEnv(profile=digits_profile, budget={"flops": 0.5}, evaluate_fn=StandIn())
-    loaded, state = store.load(fresh_env, settings, seed=0)
+    loaded, state = store.load(_model_factory(fresh_env, settings, seed=0), settings, fresh_env.steps_per_episode,
+                               seed=0)
     assert state == AgentState(episodes=5, noise_sigma=0.5, resumed=True)
     assert loaded is not model and loaded.env is not model.env
 

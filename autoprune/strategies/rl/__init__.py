@@ -1,9 +1,9 @@
 """The AMC reinforcement-learning strategy: a gymnasium environment and a stable-baselines3 agent.
 
 Importing this package registers the environment ``autoprune/Pruning-v0`` with gymnasium (by an
-entry-point string, so nothing heavy is imported). :class:`RLStrategy` lives in ``agent.py``, the
-only module that imports stable-baselines3; it is loaded on first access so that
-``import autoprune`` stays free of it.
+entry-point string, so nothing heavy is imported). :class:`RLStrategy` lives in ``agent.py``, which
+with its checkpoint store ``_checkpoint.py`` are the only modules that import stable-baselines3;
+it is loaded on first access so that ``import autoprune`` stays free of it.
 """
 
 from __future__ import annotations
