@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import BudgetError, ConfigError, InfeasibleBudgetError
+from ._lattice import Grid, bisect, exchange, fill
+from .errors import BudgetError, ConfigError
 from .plan import Plan
 from .profile import ModelProfile
 
@@ -195,179 +196,15 @@ def resolve_bounds(
     return resolved
 
 
-class _Grid:
-    """Allowed kept-channel counts per group, and costs of kept vectors."""
-
-    def __init__(
-        self, profile: ModelProfile, budget: Budget, bounds: Bounds | None, round_to: int,
-        latency: LatencyModel | None = None,
-    ) -> None:
-        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-            raise ConfigError(f"round_to must be a positive integer, got {round_to!r}.")
-        self.round_to = round_to
-        self.profile = profile
-        self.budget = budget
-        self.bounds = resolve_bounds(profile, bounds)
-        self.names = profile.names
-        self.dense = np.array([g.channels for g in profile.groups], dtype=np.float64)
-        self.lo = np.array([self.bounds[n][0] for n in self.names])
-        self.hi = np.array([self.bounds[n][1] for n in self.names])
-        self.options: list[np.ndarray] = []
-        for name, n, lo, hi in zip(self.names, self.dense.astype(int), self.lo, self.hi):
-            kmin = max(1, math.ceil(n * (1 - hi) - 1e-9))
-            kmax = math.floor(n * (1 - lo) + 1e-9)
-            allowed = [k for k in range(kmin, kmax + 1) if k % round_to == 0]
-            if lo == 0.0:
-                allowed.append(n)  # leaving a group whole is always allowed when its range starts at 0
-            allowed = sorted(set(allowed))
-            if not allowed:
-                raise ConfigError(
-                    f"Group {name!r} ({n} channels) has no channel count that is a multiple of "
-                    f"round_to={round_to} with a ratio in [{lo}, {hi}]; widen the ratio range or lower round_to."
-                )
-            self.options.append(np.array(allowed))
-        self.latency = latency
-        self.limit = budget.limit(profile, latency)
-        self.dense_value = budget.dense_value(profile, latency)
-        if budget.is_latency:
-            assert latency is not None  # dense_value refused a latency budget without a predictor
-            self._cost = latency.predict_kept
-        else:
-            metric_cost = profile.cost.macs if budget.metric == "flops" else profile.cost.params
-            self._cost = lambda kept: metric_cost(self.dense - kept)
-
-    def cost(self, kept: np.ndarray) -> float:
-        return self._cost(kept)
-
-    def snap_down(self, ratios: np.ndarray) -> np.ndarray:
-        """Largest allowed kept count not above the continuous one (prunes at least as much)."""
-        target = self.dense * (1 - ratios) + 1e-9
-        kept = np.empty_like(self.dense)
-        for i, opts in enumerate(self.options):
-            j = np.searchsorted(opts, target[i], side="right") - 1
-            kept[i] = opts[max(j, 0)]
-        return kept
-
-    def extremes(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.array([o[0] for o in self.options], float), np.array([o[-1] for o in self.options], float)
-
-    def check_feasible(self) -> None:
-        smallest, largest = self.extremes()
-        low, high = self.cost(smallest), self.cost(largest)
-        if low > self.limit * (1 + 1e-12):
-            dense = self.dense_value
-            raise InfeasibleBudgetError(
-                f"Budget {self.budget} ({self.limit:.4g} {self._unit()}) cannot be met: with the allowed "
-                f"ratio ranges the model reaches {self.budget.metric} between {low / dense:.4f} and "
-                f"{high / dense:.4f} of dense ({low:.4g} to {high:.4g}). Raise the budget or widen the "
-                "ratio ranges (groups.ratio, groups.include)." + self._round_to_note()
-            )
-
-    def _round_to_note(self) -> str:
-        """Why rounding leaves groups dense, when it does: their ranges allow pruning, but no
-        multiple of round_to below their channel count is inside them."""
-        if self.round_to == 1:
-            return ""
-        stuck = [(name, int(n)) for name, n, hi, opts in zip(self.names, self.dense, self.hi, self.options)
-                 if hi > 0 and len(opts) == 1 and opts[0] == n]
-        if not stuck:
-            return ""
-        prunable = len(self.names) - len(stuck)
-        largest = max(int(n) for n in self.dense)
-        listed = ", ".join(f"{name} ({n})" for name, n in stuck[:6]) + (f" and {len(stuck) - 6} more" if len(stuck) > 6 else "")
-        return (
-            f" round_to={self.round_to} (groups.round_to in a search space) leaves {len(stuck)} of "
-            f"{len(self.names)} groups unprunable, as no multiple of {self.round_to} below their channel count "
-            f"is inside their ratio range: {listed}"
-            + (f"; the largest group has {largest} channels, so round_to must be below {largest} for any "
-               "group to be pruned" if prunable == 0 and self.round_to >= largest else "")
-            + ". Lower round_to (8 or 16 match vector units)."
-        )
-
-    def _unit(self) -> str:
-        return {"flops": "MACs", "params": "parameters"}.get(self.budget.metric, "ms")
-
-    def fill(self, kept: np.ndarray, target_ratios: np.ndarray) -> np.ndarray:
-        """Give back channel steps to the most over-pruned groups while the budget still holds."""
-        kept = kept.copy()
-        position = [int(np.searchsorted(o, k)) for o, k in zip(self.options, kept)]
-        while True:
-            best, best_excess = -1, -np.inf
-            for i, opts in enumerate(self.options):
-                if position[i] + 1 >= len(opts):
-                    continue
-                excess = (1 - kept[i] / self.dense[i]) - target_ratios[i]
-                if excess <= best_excess:
-                    continue
-                trial = kept.copy()
-                trial[i] = opts[position[i] + 1]
-                if self.cost(trial) <= self.limit:
-                    best, best_excess = i, excess
-            if best < 0:
-                return kept
-            position[best] += 1
-            kept[best] = self.options[best][position[best]]
-
-    def exchange(self, kept: np.ndarray, tolerance: float = 1e-3) -> np.ndarray:
-        """Close a gap the single steps of :meth:`fill` cannot: one coarse step back in one group,
-        paid for by the fewest fine steps out of another, while that brings the cost closer to the
-        limit. Needed on small models whose groups move MACs in steps of several percent."""
-        kept = kept.copy()
-        current = self.cost(kept)
-        for _ in range(2 * len(self.options)):
-            if current >= self.limit * (1 - tolerance):
-                break
-            best: tuple[float, np.ndarray] | None = None
-            position = [int(np.searchsorted(o, k)) for o, k in zip(self.options, kept)]
-            for i, opts_i in enumerate(self.options):
-                if position[i] + 1 >= len(opts_i):
-                    continue
-                up = kept.copy()
-                up[i] = opts_i[position[i] + 1]
-                for j, opts_j in enumerate(self.options):
-                    if j == i or position[j] == 0:
-                        continue
-                    low, high = 1, position[j]  # fewest steps down in j that fit the budget
-                    trial = up.copy()
-                    trial[j] = opts_j[position[j] - high]
-                    if self.cost(trial) > self.limit:
-                        continue
-                    while low < high:
-                        mid = (low + high) // 2
-                        trial[j] = opts_j[position[j] - mid]
-                        if self.cost(trial) <= self.limit:
-                            high = mid
-                        else:
-                            low = mid + 1
-                    trial[j] = opts_j[position[j] - high]
-                    cost = self.cost(trial)
-                    if cost > current and (best is None or cost > best[0]):
-                        best = (cost, trial)
-            if best is None:
-                break
-            current, kept = best
-        return kept
-
-    def plan(self, kept: np.ndarray, provenance: Mapping[str, Any]) -> Plan:
-        metrics = {"latency_ms": self.latency.predict_kept(kept)} if self.latency is not None else None
-        return Plan.from_kept(
-            self.profile,
-            {n: int(k) for n, k in zip(self.names, kept)},
-            budget=self.budget.to_dict(),
-            metrics=metrics,
-            provenance=provenance,
-        )
-
-
 def reachable_range(
     profile: ModelProfile, metric: str = "flops", *, bounds: Bounds | None = None, round_to: int = 1,
     latency: LatencyModel | None = None,
 ) -> tuple[float, float]:
     """(lowest, highest) fraction of the dense model's ``metric`` that plans within ``bounds`` reach."""
     key = "latency" if metric in ("latency", "latency_ms") else metric
-    grid = _Grid(profile, Budget(**{key: 0.5}), bounds, round_to, latency)
-    smallest, largest = grid.extremes()
-    return grid.cost(smallest) / grid.dense_value, grid.cost(largest) / grid.dense_value
+    grid = Grid(profile, Budget(**{key: 0.5}), bounds, round_to, latency)
+    smallest, largest = grid.lattice.extremes()
+    return grid.cost(smallest) / grid.cost.dense_value, grid.cost(largest) / grid.cost.dense_value
 
 
 def project(
@@ -386,7 +223,7 @@ def project(
     never exceed the budget and are as close below it as the channel grid allows; the budget is
     refused before any work when even the largest allowed ratios cannot meet it.
     """
-    grid = _Grid(profile, budget, bounds, round_to, latency)
+    grid = Grid(profile, budget, bounds, round_to, latency)
     unknown = sorted(set(raw) - set(grid.names))
     if unknown:
         raise ConfigError(f"Raw ratios name unknown groups {', '.join(unknown)}; groups: {', '.join(grid.names)}.")
@@ -401,25 +238,18 @@ def project(
     return _shift_project(grid, r, provenance or {})
 
 
-def _shift_project(grid: _Grid, r: np.ndarray, provenance: Mapping[str, Any]) -> Plan:
+def _shift_project(grid: Grid, r: np.ndarray, provenance: Mapping[str, Any]) -> Plan:
     grid.check_feasible()
+    lattice, cost = grid.lattice, grid.cost
 
     def ratios_at(shift: float) -> np.ndarray:
         return np.clip(r + shift, grid.lo, grid.hi)
 
-    def meets(shift: float) -> bool:
-        return grid.cost(grid.snap_down(ratios_at(shift))) <= grid.limit
-
-    low, high = -1.0, 1.0  # at -1 every group sits at its lower bound, at +1 at its upper bound
-    if meets(low):
-        high = low
-    else:
-        for _ in range(50):
-            mid = 0.5 * (low + high)
-            low, high = (low, mid) if meets(mid) else (mid, high)
-    target = ratios_at(high)
-    kept = grid.exchange(grid.fill(grid.snap_down(target), target))
-    return grid.plan(kept, {"projection_shift": float(high), **provenance})
+    # At -1 every group sits at its lower bound, at +1 at its upper bound (which meets the budget).
+    shift = bisect(lambda s: cost.fits(lattice.snap_down(ratios_at(s))), -1.0, 1.0)
+    target = ratios_at(shift)
+    kept = exchange(lattice, cost, fill(lattice, cost, lattice.snap_down(target), target))
+    return grid.plan(kept, {"projection_shift": float(shift), **provenance})
 
 
 def uniform_plan(
@@ -428,7 +258,7 @@ def uniform_plan(
 ) -> Plan:
     """The same ratio for every group (clipped to each group's range, and as far as channel
     rounding allows), meeting ``budget``."""
-    grid = _Grid(profile, budget, bounds, round_to, latency)
+    grid = Grid(profile, budget, bounds, round_to, latency)
     return _shift_project(grid, np.zeros(len(grid.names)), {"strategy": "uniform"})
 
 
@@ -446,12 +276,13 @@ def global_plan(
     ``scores`` are the per-group channel importances normalized within each group (as
     :func:`autoprune.pruning.channel_scores` returns them), so one threshold ranks all groups.
     """
-    grid = _Grid(profile, budget, bounds, round_to, latency)
+    grid = Grid(profile, budget, bounds, round_to, latency)
     missing = [n for n in grid.names if n not in scores]
     if missing:
         raise ConfigError(f"global_plan needs channel scores for every group; missing: {', '.join(missing)}.")
     grid.check_feasible()
-    smallest, largest = grid.extremes()
+    lattice, cost = grid.lattice, grid.cost
+    smallest, largest = lattice.extremes()
     entries = []  # (score, group index) of each removable channel, lowest first within its group
     for i, name in enumerate(grid.names):
         ordered = np.sort(np.asarray(scores[name], dtype=np.float64))
@@ -465,17 +296,9 @@ def global_plan(
         for _, i in entries[:m]:
             removed[i] += 1
         removed = np.maximum(removed, forced)
-        return grid.snap_down((removed / grid.dense))
+        return lattice.snap_down(removed / grid.dense)
 
-    low, high = 0, len(entries)
-    if grid.cost(kept_after(0)) <= grid.limit:
-        high = 0
-    while low < high:
-        mid = (low + high) // 2
-        if grid.cost(kept_after(mid)) <= grid.limit:
-            high = mid
-        else:
-            low = mid + 1
-    kept = kept_after(high)
-    kept = grid.exchange(grid.fill(kept, 1 - kept / grid.dense))
+    # The fewest least-important channels whose removal meets the budget.
+    kept = kept_after(bisect(lambda m: cost.fits(kept_after(m)), 0, len(entries)))
+    kept = exchange(lattice, cost, fill(lattice, cost, kept, 1 - kept / grid.dense))
     return grid.plan(kept, {"strategy": "global", "ranking": "global"})

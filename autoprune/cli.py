@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ._workdir import resolve_workdir
@@ -128,7 +129,7 @@ def apply(
 def train(
     task: Annotated[str, typer.Option("--task", help="Built-in task to train.")],
     epochs: Annotated[Optional[float], typer.Option("--epochs", help="Epochs (default: the task's recipe).")] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed of the initialization and the batch order (0..2**32-1).")] = 0,
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch threads (default: all cores).")] = None,
     precision: Annotated[str, typer.Option("--precision", help="auto, fp32 or bf16 (bf16 autocast + channels-last; auto: bf16 where measured faster).")] = "auto",
     workdir: WorkdirOpt = None,
@@ -217,6 +218,10 @@ def export(
     choose: Annotated[str, typer.Option(
         "--choose", help="Model to write: search (the search's best plan) or val (the better of it and the "
         "uniform plan on the validation split after fine-tuning).")] = "search",
+    distill: Annotated[bool, typer.Option(
+        "--distill/--no-distill", help="Fine-tune both pruned models from the dense model's logits (knowledge "
+        "distillation, temperature 4, weight 0.9) as well as the labels.")] = False,
+    precision: Annotated[str, typer.Option("--precision", help="Fine-tuning precision: auto, fp32 or bf16 (bf16 autocast where the device has it; auto: where measured faster).")] = "fp32",
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch threads (default: all cores).")] = None,
     workdir: WorkdirOpt = None,
     data_root: DataRootOpt = None,
@@ -227,7 +232,7 @@ def export(
     _set_threads(threads)
     report = export_study(study, out, storage=storage, finetune_epochs=finetune_epochs, schedule=schedule,
                           budget=budget, workdir=workdir, data_root=data_root, tracking_uri=tracking_uri,
-                          choose=choose)
+                          choose=choose, distill=distill, precision=precision)
     console.print((report.out_dir / "report.md").read_text())
     console.print(f"wrote {report.out_dir}: {', '.join(sorted(p.name for p in report.out_dir.iterdir()))}")
 
@@ -332,7 +337,8 @@ def run(argv: list[str] | None = None) -> int:
     try:
         code = command.main(args=argv, prog_name="autoprune", standalone_mode=False)
     except AutopruneError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        # Messages quote user input (keys, values, paths), which must not be read as rich markup.
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except aborts:
         err_console.print("aborted")

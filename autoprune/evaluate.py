@@ -10,9 +10,10 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,11 +23,15 @@ from . import pruning
 from .budget import LatencyModel
 from .errors import ConfigError, TaskError, short
 from .plan import Plan, check_plan_matches
+from .precision import Precision, as_input, autocast, resolve_precision, to_memory_format
 from .profile import ModelProfile, profile_model
 from .task import Task
-from .train import predict, train_model
+from .train import distillation_loss, predict
 
-__all__ = ["TrialResult", "Evaluator", "recalibrate_batchnorm"]
+if TYPE_CHECKING:
+    from .space import EvaluationSettings
+
+__all__ = ["TrialResult", "Evaluator", "Fidelity", "recalibrate_batchnorm", "StepCallback"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class TrialResult:
         params: parameters of the pruned model; ``params_ratio`` over the dense model's.
         seconds: wall time of this evaluation (prune + recalibrate + fine-tune + score).
         latency_ms: predicted latency in ms per batch (the search's latency settings), when it measures latency.
+        finetune_steps: SGD steps of fine-tuning before ``val_score`` was taken (0: adaptive BN alone).
     """
 
     val_score: float
@@ -49,9 +55,16 @@ class TrialResult:
     params_ratio: float
     seconds: float
     latency_ms: float | None = None
+    finetune_steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrialResult:
+        """The result stored by :meth:`to_dict`; keys of other autoprune versions are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @torch.no_grad()
@@ -82,6 +95,33 @@ def recalibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None
         model.eval()
 
 
+@dataclass(frozen=True)
+class Fidelity:
+    """Multi-fidelity candidate evaluation: the validation score after each rung of fine-tuning.
+
+    Attributes:
+        rungs: cumulative SGD steps (batches of ``calibration_batch_size`` training images) after
+            which the candidate's validation score is reported, ascending; 0 is BatchNorm
+            recalibration alone. The last rung's score is the trial's.
+        lr: peak learning rate of that fine-tuning, cosine-decayed to 0 over the last rung's
+            steps, so a trial stopped at an earlier rung ran a prefix of the same schedule.
+        distill: learn from the dense model's logits (knowledge distillation) as well as the labels.
+        temperature: softmax temperature of the distillation (> 0).
+        alpha: weight of the distillation term in [0, 1]; ``1 - alpha`` weighs the labels.
+    """
+
+    rungs: tuple[int, ...] = (0, 200, 800)
+    lr: float = 0.01
+    distill: bool = True
+    temperature: float = 4.0
+    alpha: float = 0.9
+
+
+#: ``on_step(step, score)``: called after each fidelity rung with the SGD steps done so far and
+#: the validation score; it may raise :class:`autoprune.strategies.TrialStopped` to end the trial.
+StepCallback = Callable[[int, float], None]
+
+
 class Evaluator:
     """Scores plans on a task.
 
@@ -90,12 +130,16 @@ class Evaluator:
         calibration_batches: training batches that recalibrate BatchNorm (0 keeps stale statistics).
         calibration_batch_size: images per calibration (and fine-tuning) batch.
         val_samples: validation samples scored per candidate (``None``: the whole split).
-        finetune_steps: SGD steps on training batches after recalibration (0 for none).
+        finetune_steps: SGD steps on training batches after recalibration (0 for none); a
+            one-rung :class:`Fidelity` without intermediate scores.
         finetune_lr: learning rate of those steps.
         importance: channel criterion (``l1``, ``l2``, ``taylor``, ``bn_scale``, ``random``).
         seed: fixes the calibration batches and any fine-tuning; evaluation is deterministic.
         profile: a profile of ``task`` computed earlier, to skip recomputing it.
         latency: a latency predictor; each result then carries the plan's predicted ``latency_ms``.
+        fidelity: report scores at several fine-tuning rungs (replaces ``finetune_steps``).
+        precision: ``fp32``, or ``bf16`` autocast for calibration, fine-tuning and scoring (see
+            :mod:`autoprune.precision`; resolve ``auto`` first).
     """
 
     def __init__(
@@ -111,6 +155,8 @@ class Evaluator:
         seed: int = 0,
         profile: ModelProfile | None = None,
         latency: LatencyModel | None = None,
+        fidelity: Fidelity | None = None,
+        precision: Precision = "fp32",
     ) -> None:
         if calibration_batches < 0 or finetune_steps < 0:
             raise ConfigError(
@@ -120,11 +166,16 @@ class Evaluator:
             raise ConfigError(f"calibration_batch_size must be >= 1, got {calibration_batch_size}.")
         if val_samples is not None and val_samples < 1:
             raise ConfigError(f"val_samples must be a positive number of samples or None, got {val_samples}.")
+        if fidelity is not None and finetune_steps:
+            raise ConfigError("finetune_steps and fidelity both fine-tune candidates; give the steps as fidelity rungs.")
         self.task = task
         self.seed = seed
-        self.finetune_steps = finetune_steps
-        self.finetune_lr = finetune_lr
+        self.fidelity = fidelity or Fidelity(rungs=(finetune_steps,), lr=finetune_lr, distill=False)
+        self.finetune_steps = self.fidelity.rungs[-1]
+        self.finetune_lr = self.fidelity.lr
         self.calibration_batches = calibration_batches
+        self.calibration_batch_size = calibration_batch_size
+        self.precision = precision
         self.profile = profile or profile_model(task)
         self.latency = latency
         self.importance = pruning.make_importance(importance, seed=seed)
@@ -133,7 +184,7 @@ class Evaluator:
             task.train_loader.dataset, batch_size=calibration_batch_size,
             shuffle=True, generator=generator,
         )
-        n_train_batches = max(calibration_batches, 4 if self.importance.needs_gradients else 0, finetune_steps)
+        n_train_batches = max(calibration_batches, 4 if self.importance.needs_gradients else 0)
         self._train_batches: list[tuple[torch.Tensor, torch.Tensor]] = list(itertools.islice(loader, n_train_batches))
         self._val_batches = self._take_samples(task.val_loader, val_samples)
         self.val_samples = sum(len(y) for _, y in self._val_batches)
@@ -142,6 +193,22 @@ class Evaluator:
             ignored_layers=task.ignored_layers, batches=self._train_batches[:4],
         )
         self._dense_score: float | None = None
+
+    @classmethod
+    def from_settings(cls, task: Task, settings: EvaluationSettings, *, seed: int, profile: ModelProfile | None = None,
+                      latency: LatencyModel | None = None, cache_dir: Path | None = None) -> Evaluator:
+        """The evaluator a search space's ``evaluation:`` section describes (``auto`` precision
+        resolved on the task's model, the decision kept in ``cache_dir``)."""
+        fidelity = None
+        if settings.fidelity is not None:
+            f = settings.fidelity
+            fidelity = Fidelity(rungs=tuple(f.rungs), lr=f.lr, distill=f.distill, temperature=f.temperature,
+                                alpha=f.alpha)
+        precision = resolve_precision(settings.precision, model=task.model, example_input=task.example_input,
+                                      cache_dir=cache_dir)
+        return cls(task, calibration_batches=settings.calibration_batches, val_samples=settings.val_samples,
+                   finetune_steps=settings.finetune_steps, importance=settings.importance, seed=seed,
+                   profile=profile, latency=latency, fidelity=fidelity, precision=precision)
 
     @staticmethod
     def _take_samples(loader: torch.utils.data.DataLoader, n: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -165,7 +232,7 @@ class Evaluator:
         return self._dense_score
 
     def _score(self, model: nn.Module, *, dense: bool = False) -> float:
-        logits, targets = predict(model, self._val_batches)
+        logits, targets = predict(model, self._val_batches, precision="fp32" if dense else self.precision)
         if dense and not bool(torch.isfinite(logits).all()):
             raise TaskError(
                 f"Task {self.task.name!r}: the dense model's outputs on the validation data are not all finite "
@@ -175,6 +242,8 @@ class Evaluator:
         try:
             value = float(self.task.score_fn(logits, targets))
         except Exception as exc:
+            if not dense:
+                raise  # fails this trial only; the dense model's score already proved the function
             raise TaskError(
                 f"Task {self.task.name!r}: its score function failed or did not return a number "
                 f"({type(exc).__name__}: {short(exc)}); it must map (logits (N, C), targets (N,)) to a float, "
@@ -187,24 +256,95 @@ class Evaluator:
             )
         return value
 
+    def _cut(self, plan: Plan) -> nn.Module:
+        check_plan_matches(plan, [(g.name, g.channels) for g in self.profile.groups], what=f"task {self.task.name!r}",
+                           input_shape=tuple(self.task.example_input.shape))
+        model = pruning.prune_copy(self.task.model, self.task.example_input, plan.kept, self.scores)
+        return to_memory_format(model, self.precision)
+
+    def recalibrate(self, model: nn.Module) -> None:
+        """Adaptive BN on the evaluator's calibration batches (under its precision)."""
+        batches = [as_input(x, self.precision) for x, _ in self._train_batches[: self.calibration_batches]]
+        with autocast(self.precision):
+            recalibrate_batchnorm(model, batches)
+
+    def _finetune(self, model: nn.Module, on_rung: Callable[[int], None]) -> None:
+        """SGD through the fidelity rungs, calling ``on_rung(step)`` at each (step 0 included).
+
+        Every candidate sees the same training batches in the same order (a loader seeded
+        afresh), so scores differ only by plan.
+        """
+        fidelity, recipe = self.fidelity, self.task.recipe
+        rungs = list(fidelity.rungs)
+        if rungs[0] == 0:
+            on_rung(rungs.pop(0))
+        if not rungs:
+            return
+        torch.manual_seed(self.seed)  # augmentation draws
+        loader = torch.utils.data.DataLoader(self.task.train_loader.dataset, batch_size=self.calibration_batch_size,
+                                             shuffle=True, generator=torch.Generator().manual_seed(self.seed))
+        optimizer = torch.optim.SGD(model.parameters(), lr=fidelity.lr, momentum=recipe.momentum,
+                                    weight_decay=recipe.weight_decay, nesterov=recipe.momentum > 0)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=rungs[-1])
+        teacher = self.task.model if fidelity.distill else None
+        step = 0
+        while rungs:
+            for x, y in loader:
+                model.train()
+                x = as_input(x, self.precision)
+                with autocast(self.precision):
+                    logits = model(x)
+                    if teacher is not None:
+                        with torch.no_grad():
+                            target_logits = teacher(x)
+                if teacher is not None:
+                    loss = distillation_loss(logits, target_logits, y, temperature=fidelity.temperature,
+                                             alpha=fidelity.alpha)
+                else:
+                    loss = nn.functional.cross_entropy(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                step += 1
+                if step == rungs[0]:
+                    model.eval()
+                    on_rung(rungs.pop(0))
+                    if not rungs:
+                        break
+        model.eval()
+
     def build(self, plan: Plan) -> nn.Module:
         """The pruned model of ``plan`` with recalibrated BatchNorm (and fine-tuned if asked)."""
-        check_plan_matches(plan, [(g.name, g.channels) for g in self.profile.groups], what=f"task {self.task.name!r}")
-        model = pruning.prune_copy(self.task.model, self.task.example_input, plan.kept, self.scores)
-        recalibrate_batchnorm(model, [x for x, _ in self._train_batches[: self.calibration_batches]])
-        if self.finetune_steps:
-            train_model(
-                model, self._train_batches[: self.finetune_steps], epochs=1,
-                recipe=replace(self.task.recipe, lr=self.finetune_lr),
-                seed=self.seed, show_progress=False,
-            )
-        return model
+        model = self._cut(plan)
+        self.recalibrate(model)
+        self._finetune(model, on_rung=lambda step: None)
+        return model.eval()
 
-    def evaluate(self, plan: Plan) -> TrialResult:
-        """Prune, recalibrate, (fine-tune,) score ``plan`` on the validation samples."""
+    def evaluate(self, plan: Plan, *, on_step: StepCallback | None = None) -> TrialResult:
+        """Prune, recalibrate, (fine-tune,) score ``plan`` on the validation samples.
+
+        With ``on_step``, the score is also computed after each fidelity rung and passed to
+        ``on_step(step, score)``, which may end the evaluation by raising.
+        """
         start = time.perf_counter()
-        model = self.build(plan)
-        score = self._score(model)
+        model = self._cut(plan)
+        self.recalibrate(model)
+        last = self.fidelity.rungs[-1]
+        scores: dict[int, float] = {}
+
+        def on_rung(step: int) -> None:
+            if on_step is not None or step == last:
+                scores[step] = self._score(model)
+            if on_step is not None:
+                on_step(step, scores[step])
+
+        self._finetune(model, on_rung)
+        return self.result_of(plan, scores[last], seconds=time.perf_counter() - start, finetune_steps=last)
+
+    def result_of(self, plan: Plan, score: float, *, seconds: float, finetune_steps: int) -> TrialResult:
+        """A :class:`TrialResult` for ``plan`` scored ``score`` after ``finetune_steps`` (also for a
+        trial that stopped early)."""
         macs, params = self.profile.macs_of(plan.kept), self.profile.params_of(plan.kept)
         latency_ms = None
         if self.latency is not None:
@@ -212,7 +352,8 @@ class Evaluator:
             latency_ms = self.latency.predict_kept(np.array(kept, dtype=np.float64))
         return TrialResult(
             val_score=score, macs=macs, macs_ratio=macs / self.profile.macs, params=params,
-            params_ratio=params / self.profile.params, seconds=time.perf_counter() - start, latency_ms=latency_ms,
+            params_ratio=params / self.profile.params, seconds=seconds, latency_ms=latency_ms,
+            finetune_steps=finetune_steps,
         )
 
     def describe(self) -> Mapping[str, Any]:
@@ -220,4 +361,5 @@ class Evaluator:
         return {
             "calibration_batches": self.calibration_batches, "val_samples": self.val_samples,
             "finetune_steps": self.finetune_steps, "importance": self.importance.name, "seed": self.seed,
+            "rungs": list(self.fidelity.rungs), "distill": self.fidelity.distill, "precision": self.precision,
         }

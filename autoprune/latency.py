@@ -16,9 +16,7 @@ import math
 import os
 import platform
 import statistics
-import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,17 @@ import torch
 from torch import nn
 
 from . import pruning
+from ._cpu import cpu_model
+from ._timing import (
+    LatencyMeasurement,
+    LatencySettings,
+    _threads,
+    _time_callable,
+    measure_latency,
+    measure_many,
+    measure_relative,
+    simd_round_to,
+)
 from .errors import ConfigError
 from .profile import ModelProfile
 
@@ -36,7 +45,7 @@ __all__ = [
     "LatencyMeasurement",
     "measure_latency",
     "measure_many",
-    "measure_onnx_many",
+    "measure_relative",
     "simd_round_to",
     "LatencyPredictor",
     "build_predictor",
@@ -46,185 +55,6 @@ __all__ = [
 ]
 
 _GRID_FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)
-
-
-@dataclass(frozen=True)
-class LatencySettings:
-    """How latency is measured.
-
-    Attributes:
-        batch_size: images per forward pass.
-        threads: torch intra-op threads while timing (fixed, so numbers are comparable).
-        repeats: timed forward passes; the median is reported.
-        warmup: untimed passes before timing (allocator, caches, lazy init).
-        device: ``cpu`` or ``cuda``.
-    """
-
-    batch_size: int = 1
-    threads: int = 1
-    repeats: int = 30
-    warmup: int = 5
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "threads", "repeats"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"latency.{name} must be >= 1, got {getattr(self, name)}.")
-        if self.warmup < 0:
-            raise ConfigError(f"latency.warmup must be >= 0, got {self.warmup}.")
-        if self.device not in ("cpu", "cuda"):
-            raise ConfigError(f"latency.device {self.device!r} is not allowed; use cpu or cuda.")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("latency.device is cuda but no CUDA device is available here; use cpu.")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class LatencyMeasurement:
-    """Median and spread of repeated forward passes, in milliseconds per batch."""
-
-    median_ms: float
-    p10_ms: float
-    p90_ms: float
-    repeats: int
-    batch_size: int
-    threads: int
-    device: str
-
-    @property
-    def spread_ms(self) -> float:
-        """p90 - p10: how much single runs vary."""
-        return self.p90_ms - self.p10_ms
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "spread_ms": self.spread_ms}
-
-
-@contextmanager
-def _threads(n: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time_callable(fn: Any, x: Any, settings: LatencySettings) -> list[float]:
-    """``settings.warmup`` untimed then ``settings.repeats`` timed calls of ``fn(x)``, in ms."""
-    with torch.inference_mode():
-        for _ in range(settings.warmup):
-            fn(x)
-        _sync(settings.device)
-        times = []
-        for _ in range(settings.repeats):
-            start = time.perf_counter()
-            fn(x)
-            _sync(settings.device)
-            times.append((time.perf_counter() - start) * 1000.0)
-    return times
-
-
-def _summary(times: Sequence[float], settings: LatencySettings) -> LatencyMeasurement:
-    q = np.percentile(times, [10, 90])
-    return LatencyMeasurement(
-        median_ms=statistics.median(times), p10_ms=float(q[0]), p90_ms=float(q[1]), repeats=len(times),
-        batch_size=settings.batch_size, threads=settings.threads, device=settings.device,
-    )
-
-
-def _batch(example_input: torch.Tensor, settings: LatencySettings) -> torch.Tensor:
-    """A batch of ``settings.batch_size`` shaped like ``example_input`` (whose batch dim is replaced)."""
-    return example_input.expand(settings.batch_size, *example_input.shape[1:]).contiguous().to(settings.device)
-
-
-def measure_latency(
-    model: nn.Module, example_input: torch.Tensor, settings: LatencySettings = LatencySettings()
-) -> LatencyMeasurement:
-    """Time ``model`` on a batch shaped like ``example_input`` (batch dim replaced by the setting)."""
-    model = model.eval().to(torch.device(settings.device))
-    with _threads(settings.threads):
-        return _summary(_time_callable(model, _batch(example_input, settings), settings), settings)
-
-
-def _round_robin(fns: Sequence[Any], x: Any, settings: LatencySettings, rounds: int) -> list[LatencyMeasurement]:
-    """Time every callable in turn, ``rounds`` times over, so the machine's speed drift hits all alike."""
-    per_round = max(1, math.ceil(settings.repeats / rounds))
-    chunk = replace(settings, repeats=per_round)
-    times: list[list[float]] = [[] for _ in fns]
-    for r in range(rounds):
-        for i, fn in enumerate(fns):
-            times[i] += _time_callable(fn, x, chunk if r == 0 else replace(chunk, warmup=1))
-    return [_summary(t, settings) for t in times]
-
-
-def measure_many(
-    models: Sequence[nn.Module], example_input: torch.Tensor, settings: LatencySettings = LatencySettings(),
-    *, rounds: int = 5,
-) -> list[LatencyMeasurement]:
-    """Time several models round-robin, so that drift of the machine's speed hits all alike.
-
-    A CPU's speed wanders by tens of percent over seconds (frequency scaling, neighbours on a
-    shared host); timing model A fully and then model B turns that drift into a fake speedup.
-    Each of ``rounds`` rounds runs every model ``repeats / rounds`` times; each model's median
-    and spread are over all its runs.
-    """
-    device = torch.device(settings.device)
-    prepared = [m.eval().to(device) for m in models]
-    with _threads(settings.threads):
-        return _round_robin(prepared, _batch(example_input, settings), settings, rounds)
-
-
-def measure_onnx_many(
-    paths: Sequence[str | os.PathLike[str]], example_input: torch.Tensor,
-    settings: LatencySettings = LatencySettings(), *, rounds: int = 5,
-) -> list[LatencyMeasurement]:
-    """Time ONNX models under ONNX Runtime's CPU provider, round-robin like :func:`measure_many`.
-
-    ONNX Runtime fuses BatchNorm and activations into the convolutions and packs channels into
-    SIMD-wide blocks, so this is the latency a CPU deployment sees. ``settings.threads`` sets
-    the intra-op threads. Raises :class:`ConfigError` without onnxruntime or for a CUDA setting.
-    """
-    if settings.device != "cpu":
-        raise ConfigError("ONNX Runtime latency is measured on the CPU only; use latency.device cpu.")
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ConfigError("onnxruntime is not installed; pip install 'autoprune[onnx]'.") from None
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.threads
-    options.inter_op_num_threads = 1
-    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in paths]
-    runners = [(lambda x, s=s, name=s.get_inputs()[0].name: s.run(None, {name: x})) for s in sessions]
-    return _round_robin(runners, _batch(example_input, settings).numpy(), settings, rounds)
-
-
-def simd_round_to(device: str = "cpu") -> int:
-    """The channel multiple that fills the device's float32 vector lanes: a ``round_to`` for fast plans.
-
-    oneDNN and ONNX Runtime pad channels to whole SIMD registers, so on an AVX-512 CPU a layer
-    cut from 16 to 11 channels still computes 16: MACs fall, time does not. 16 for AVX-512, 8
-    for AVX/AVX2 and for CUDA (tensor cores), 4 otherwise (SSE, NEON).
-    """
-    if device == "cuda":
-        return 8
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    if "avx512f" in flags:
-        return 16
-    if "avx2" in flags or "avx" in flags:
-        return 8
-    return 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,29 +195,51 @@ def _grid(dense: int, block: int = 1) -> tuple[int, ...]:
     return tuple(sorted(points))
 
 
+def _resized_conv(module: nn.Module, call: pruning.CallRecord, cin: int, cout: int,
+                  in_shape: list[int]) -> nn.Module:
+    conv: nn.modules.conv._ConvNd = module  # type: ignore[assignment]
+    depthwise = conv.groups == conv.in_channels and conv.groups > 1
+    groups = cin if depthwise else conv.groups
+    cout = cin if depthwise else cout
+    in_shape[1] = cin
+    return type(conv)(cin, cout, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                      dilation=conv.dilation, groups=groups, bias=conv.bias is not None)
+
+
+def _resized_linear(module: nn.Module, call: pruning.CallRecord, cin: int, cout: int,
+                    in_shape: list[int]) -> nn.Module:
+    features = in_shape[-1]
+    in_features = max(1, round(features * cin / max(1, call.sizes.get("attr.in_features", features))))
+    in_shape[-1] = in_features
+    return nn.Linear(in_features, cout, bias=module.bias is not None)
+
+
+def _resized_norm(module: nn.Module, call: pruning.CallRecord, cin: int, cout: int,
+                  in_shape: list[int]) -> nn.Module:
+    in_shape[1] = cin
+    return type(module)(cin)
+
+
+#: How each layer type is rebuilt at other channel counts to be timed alone: ``resize(module,
+#: call, cin, cout, in_shape)`` returns the layer and adjusts ``in_shape`` in place. Types not
+#: listed are parameter-free (activations, pooling): only their input size changes. A new layer
+#: kind (attention, a user's layer) is one entry here.
+_RESIZERS: dict[type, Callable[[nn.Module, pruning.CallRecord, int, int, list[int]], nn.Module]] = {
+    nn.modules.conv._ConvNd: _resized_conv,
+    nn.Linear: _resized_linear,
+    nn.modules.batchnorm._BatchNorm: _resized_norm,
+}
+
+
 def _standalone(call: pruning.CallRecord, module: nn.Module, cin: int, cout: int) -> tuple[nn.Module, tuple[int, ...]]:
     """A fresh copy of ``module`` resized to ``cin``/``cout`` channels, and its input shape."""
     s = call.sizes
     in_shape = [s[f"in.{i}"] for i in range(sum(1 for k in s if k.startswith("in.")))]
-    if isinstance(module, nn.modules.conv._ConvNd):
-        depthwise = module.groups == module.in_channels and module.groups > 1
-        groups = cin if depthwise else module.groups
-        cout = cin if depthwise else cout
-        layer = type(module)(cin, cout, module.kernel_size, stride=module.stride, padding=module.padding,
-                             dilation=module.dilation, groups=groups, bias=module.bias is not None)
+    resize = next((fn for kind, fn in _RESIZERS.items() if isinstance(module, kind)), None)
+    if resize is None:
         in_shape[1] = cin
-    elif isinstance(module, nn.Linear):
-        features = in_shape[-1]
-        in_features = max(1, round(features * cin / max(1, call.sizes.get("attr.in_features", features))))
-        layer = nn.Linear(in_features, cout, bias=module.bias is not None)
-        in_shape[-1] = in_features
-    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-        layer = type(module)(cin)
-        in_shape[1] = cin
-    else:
-        layer = module  # parameter-free (activation, pooling): only the input size changes
-        in_shape[1] = cin
-    return layer.eval(), tuple(in_shape)
+        return module.eval(), tuple(in_shape)
+    return resize(module, call, cin, cout, in_shape).eval(), tuple(in_shape)
 
 
 def _signature(call: pruning.CallRecord, module: nn.Module, grid_in: tuple[int, ...], grid_out: tuple[int, ...]) -> str:
@@ -419,12 +271,9 @@ def _quantity_keys(profile: ModelProfile) -> dict[tuple[Any, ...], int]:
 
 
 def _cache_path(cache_dir: Path, profile: ModelProfile, settings: LatencySettings, block: int) -> Path:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_model()
+    if cpu == "unknown":
+        cpu = platform.processor() or platform.machine()
     device = torch.cuda.get_device_name() if settings.device == "cuda" else cpu
     # Caches before the block existed hold unaligned grids, so the key changes with it.
     key = json.dumps([profile.fingerprint, list(profile.input_shape), settings.to_dict(), device, torch.__version__,

@@ -9,15 +9,20 @@ make a CPU faster: without AMX the gain depends on the layer shapes.
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import hashlib
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
+from ._cpu import cpu_flags, cpu_model
+from ._workdir import exclusive_lock
 from .errors import ConfigError
 
 __all__ = ["PRECISIONS", "Precision", "bf16_supported", "resolve_precision", "autocast", "to_memory_format",
@@ -25,20 +30,9 @@ __all__ = ["PRECISIONS", "Precision", "bf16_supported", "resolve_precision", "au
 
 Precision = Literal["fp32", "bf16"]
 PRECISIONS = ("auto", "fp32", "bf16")
-#: ``auto`` takes bf16 when its training steps are at least this much faster than fp32's.
-AUTO_MIN_SPEEDUP = 1.15
-
-
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+#: ``auto`` takes bf16 when its training steps are at least this much faster than fp32's: clearly
+#: faster, so that timing noise on a busy machine does not flip the choice.
+AUTO_MIN_SPEEDUP = 1.3
 
 
 def bf16_supported(device: torch.device | str = "cpu") -> bool:
@@ -47,7 +41,7 @@ def bf16_supported(device: torch.device | str = "cpu") -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+        return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
     return False
 
 
@@ -113,15 +107,23 @@ def measure_bf16_speedup(model: nn.Module, example_input: torch.Tensor, *, batch
     return fp32 / bf16
 
 
-_AUTO_CACHE: dict[tuple[str, str, int, tuple[int, ...]], Precision] = {}
+def _auto_key(model: nn.Module, example_input: torch.Tensor, device: torch.device) -> str:
+    parts = [device.type, cpu_model(), torch.__version__, type(model).__qualname__,
+             str(sum(p.numel() for p in model.parameters())), "x".join(map(str, example_input.shape))]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+_AUTO_CACHE: dict[str, Precision] = {}
 
 
 def resolve_precision(precision: str, *, model: nn.Module | None = None,
-                      example_input: torch.Tensor | None = None, device: torch.device | str = "cpu") -> Precision:
+                      example_input: torch.Tensor | None = None, device: torch.device | str = "cpu",
+                      cache_dir: Path | None = None) -> Precision:
     """``fp32`` or ``bf16`` for a requested ``auto | fp32 | bf16`` on ``device``.
 
-    ``bf16`` on a device without bf16 instructions is refused; ``auto`` times the model (once per
-    process for the same architecture and input shape) when the device has them.
+    ``bf16`` on a device without bf16 instructions is refused. ``auto`` times the model when the
+    device has them, once: the decision is kept per process and, with ``cache_dir``, in a file
+    there, so a resumed search and every worker of one make the same choice.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
@@ -139,8 +141,18 @@ def resolve_precision(precision: str, *, model: nn.Module | None = None,
         return "bf16"
     if model is None or example_input is None:
         return "fp32"
-    key = (device.type, type(model).__qualname__, sum(p.numel() for p in model.parameters()),
-           tuple(example_input.shape))
-    if key not in _AUTO_CACHE:
-        _AUTO_CACHE[key] = "bf16" if measure_bf16_speedup(model, example_input) >= AUTO_MIN_SPEEDUP else "fp32"
-    return _AUTO_CACHE[key]
+    key = _auto_key(model, example_input, device)
+    if key in _AUTO_CACHE:
+        return _AUTO_CACHE[key]
+    path = cache_dir / f"precision-{key}.json" if cache_dir is not None else None
+    with exclusive_lock(path.with_suffix(".lock")) if path is not None else contextlib.nullcontext():
+        if path is not None and path.is_file():
+            chosen = json.loads(path.read_text())["precision"]
+        else:
+            speedup = measure_bf16_speedup(model, example_input)
+            chosen = "bf16" if speedup >= AUTO_MIN_SPEEDUP else "fp32"
+            if path is not None:
+                path.write_text(json.dumps({"precision": chosen, "bf16_speedup": round(speedup, 3),
+                                            "model": type(model).__qualname__, "torch": torch.__version__}) + "\n")
+    _AUTO_CACHE[key] = chosen
+    return chosen

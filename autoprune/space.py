@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .budget import Budget
 from .errors import BudgetError, ConfigError
@@ -139,13 +139,63 @@ class GroupSelection(_Strict):
         return {n: (tuple(self.ratio) if n in selected else (0.0, 0.0)) for n in names}  # type: ignore[misc]
 
 
+STOPPERS = ("none", "median", "successive_halving", "hyperband")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class FidelitySettings(_Strict):
+    """Multi-fidelity candidate evaluation (see :class:`autoprune.evaluate.Fidelity`).
+
+    ``rungs`` are cumulative SGD steps (batches of 64 training images) after which a trial
+    reports its validation score, ascending; rung 0 is adaptive BN alone, the last rung's score is
+    the trial's. ``pruner`` is the Optuna pruner that stops unpromising trials at a rung (the
+    trial ends PRUNED); ``reduction_factor`` is its eta (successive halving keeps the best 1/eta
+    at each rung). ``lr`` is the peak learning rate of the fine-tuning, cosine-decayed over the last
+    rung; ``distill`` learns from the dense model's logits at ``temperature``, weighted ``alpha``.
+    """
+
+    rungs: list[_Int] = Field(default_factory=lambda: [0, 200, 800], min_length=1)
+    pruner: Literal["none", "median", "successive_halving", "hyperband"] = "successive_halving"
+    reduction_factor: _Int = Field(default=3, ge=2)
+    lr: _Float = Field(default=0.01, gt=0)
+    distill: bool = True
+    temperature: _Float = Field(default=4.0, gt=0)
+    alpha: _Float = Field(default=0.9, ge=0, le=1)
+
+    @field_validator("rungs")
+    @classmethod
+    def _ascending(cls, v: list[int]) -> list[int]:
+        if any(step < 0 for step in v) or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"rungs {v} must be SGD step counts >= 0 in strictly ascending order, e.g. [0, 200, 800]")
+        return v
+
+    @model_validator(mode="after")
+    def _enough_rungs(self) -> FidelitySettings:
+        if self.pruner != "none" and len(self.rungs) < 2:
+            raise ValueError(f"pruner {self.pruner!r} stops trials between rungs; give at least two rungs")
+        return self
+
+
 class EvaluationSettings(_Strict):
-    """How a candidate is scored (see :class:`autoprune.Evaluator`)."""
+    """How a candidate is scored (see :class:`autoprune.Evaluator`).
+
+    ``precision``: ``fp32``, ``bf16`` (autocast, where the device has bf16 instructions) or
+    ``auto`` (bf16 only where timed faster for this model on this device).
+    """
 
     calibration_batches: _Int = Field(default=16, ge=0)
     val_samples: _OptionalInt = Field(default=2000, ge=1)
     finetune_steps: _Int = Field(default=0, ge=0)
     importance: str = "l1"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    fidelity: FidelitySettings | None = None
+
+    @model_validator(mode="after")
+    def _one_way_to_finetune(self) -> EvaluationSettings:
+        if self.fidelity is not None and self.finetune_steps:
+            raise ValueError("finetune_steps and fidelity both fine-tune candidates; give the steps as fidelity.rungs "
+                             "(e.g. rungs: [0, 50]) and set finetune_steps to 0")
+        return self
 
     @field_validator("importance")
     @classmethod

@@ -14,20 +14,30 @@ import json
 import os
 import re
 import socket
-import time
-import warnings
 from collections.abc import Mapping
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ._workdir import exclusive_lock, pid_alive, sqlite_path
+from ._storage import (
+    Heartbeat,
+    check_storage_url,
+    default_storage_url,
+    grace_seconds,
+    heartbeat_interval,
+    open_storage,
+)
+from ._workdir import pid_alive
 from .errors import ConfigError, StorageError, StudyError, redact, short
+from .evaluate import TrialResult
+from .plan import Plan
 
 __all__ = [
     "redact",
+    "check_storage_url",
+    "heartbeat_interval",
     "check_study_name",
     "study_name_from",
     "default_storage_url",
@@ -38,7 +48,19 @@ __all__ = [
     "worker_id",
     "reap_dead_local_trials",
     "completed_trials",
+    "failed_trials",
     "best_trial",
+    "StoredTrial",
+    "stored_trials",
+    "SearchRecord",
+    "read_record",
+    "update_record",
+    "record_mlflow_run",
+    "record_evaluation",
+    "baseline_of",
+    "enqueue_baselines",
+    "is_repeated_baseline",
+    "Heartbeat",
     "ATTR_PLAN",
     "ATTR_RESULT",
     "ATTR_RAW",
@@ -60,13 +82,8 @@ ATTR_RETRY_OF = "retry_of"
 ATTR_SKIPPED = "skipped"  # a trial given back unevaluated (a surplus or repeated trial)
 ATTR_MEASURED_LATENCY = "measured_latency_ms"  # study attr: trial number -> measured ms
 ATTR_LATENCY_VERIFIED = "latency_verified_trial"  # study attr: best trial that measures within a latency budget
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-# Heartbeats and the retry callback are marked experimental, and Optuna warns that heartbeats are
-# meant for Study.optimize; autoprune drives ask/tell and refreshes heartbeats itself (search.py).
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-
+ATTR_SETTINGS = "settings"
+ATTR_FINGERPRINT = "space_fingerprint"
 
 _STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+=@-]{0,199}")
 STUDY_NAME_RULE = ("1 to 200 characters: letters, digits and . _ : + = @ -, starting with a letter or digit, "
@@ -87,25 +104,6 @@ def study_name_from(text: str) -> str:
     return re.sub(r"\.{2,}", ".", name)[:200]
 
 
-_STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql", "mariadb", "mssql", "oracle")
-
-
-def check_storage_url(url: str) -> str:
-    """``url`` if it names a database Optuna can store studies in (an SQLAlchemy URL)."""
-    scheme = url.split("://", 1)[0].split("+", 1)[0].lower() if "://" in url else ""
-    if scheme not in _STORAGE_SCHEMES:
-        raise ConfigError(
-            f"--storage {redact(url)!r} is not a database URL; use sqlite:///path/to/optuna.db (a file) or "
-            "postgresql+psycopg://user:password@host/db (several machines); schemes allowed: "
-            + ", ".join(_STORAGE_SCHEMES) + "."
-        )
-    return url
-
-
-def default_storage_url(workdir: Path) -> str:
-    return f"sqlite:///{workdir / 'optuna.db'}"
-
-
 def _host() -> str:
     # Containers on several machines can share a hostname; AUTOPRUNE_WORKER_HOST tells them apart.
     return os.environ.get("AUTOPRUNE_WORKER_HOST") or socket.gethostname()
@@ -116,65 +114,13 @@ def worker_id() -> str:
     return f"{_host()}:{os.getpid()}"
 
 
-def _heartbeat_setting(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    if not value:
-        return default
-    if not value.isdigit() or int(value) < 1:
-        raise ConfigError(f"{name}={value!r} must be a positive number of seconds.")
-    return int(value)
-
-
-def _grace_seconds() -> int:
-    """Silence after which another worker takes a running trial's worker for dead."""
-    return _heartbeat_setting("AUTOPRUNE_HEARTBEAT_GRACE", 60)
-
-
-def open_storage(url: str, *, heartbeat: bool = False, retry_failed: bool = True) -> optuna.storages.BaseStorage:
-    """An Optuna RDB storage for ``url``, with a clear error when it cannot be reached.
-
-    With ``heartbeat`` each running trial is refreshed every 10 s (``AUTOPRUNE_HEARTBEAT_INTERVAL``),
-    and a trial whose worker has been silent for 60 s (``AUTOPRUNE_HEARTBEAT_GRACE``) is failed by
-    the next worker that looks; with ``retry_failed`` its candidate is enqueued again.
-    """
-    kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:"):
-        # Several worker processes share one file; wait for the write lock instead of failing.
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-    if heartbeat:
-        kwargs.update(heartbeat_interval=_heartbeat_setting("AUTOPRUNE_HEARTBEAT_INTERVAL", 10),
-                      grace_period=_grace_seconds())
-        if retry_failed:
-            kwargs["heartbeat_stale_trial_callback"] = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
-    database = sqlite_path(url)
-    attempts = 5
-    for attempt in range(attempts):
-        try:
-            if database is None:
-                return optuna.storages.RDBStorage(url, **kwargs)
-            with exclusive_lock(database.with_name(database.name + ".lock")):
-                return optuna.storages.RDBStorage(url, **kwargs)
-        except Exception as exc:
-            # Workers starting together race to create the schema; the loser sees a duplicate
-            # table or key, and the schema exists a moment later.
-            racing = "IntegrityError" in type(exc).__name__ or "already exists" in str(exc)
-            if racing and attempt < attempts - 1:
-                time.sleep(0.5 * (attempt + 1))
-                continue
-            raise StorageError(
-                f"Cannot open the Optuna storage {redact(url)!r}: {type(exc).__name__}: "
-                f"{short(exc)}. Check the URL (sqlite:///path/to/file.db or "
-                "postgresql://user:pass@host/db), that the server is up and reachable, and that the database exists."
-            ) from None
-    raise AssertionError("unreachable")
-
-
 def create_or_resume_study(
     storage: optuna.storages.BaseStorage,
     name: str,
     *,
     directions: list[str],
     sampler: optuna.samplers.BaseSampler | None,
+    pruner: optuna.pruners.BasePruner | None = None,
     space_fingerprint: str,
     settings: Mapping[str, Any],
 ) -> tuple[optuna.Study, bool]:
@@ -187,10 +133,10 @@ def create_or_resume_study(
     except Exception as exc:
         raise StorageError(f"Cannot read studies from the storage: {short(exc)}") from None
     if name in existing:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-        previous = study.user_attrs.get("space_fingerprint")
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+        previous = read_record(study).space_fingerprint
         if previous is not None and previous != space_fingerprint:
-            differences = _space_differences(study.user_attrs.get("settings", {}), settings)
+            differences = _space_differences(read_record(study).settings or {}, settings)
             raise StudyError(
                 f"Study {name!r} exists and was made for another search space ("
                 + ("; ".join(differences) or "its search space fingerprint differs")
@@ -200,12 +146,12 @@ def create_or_resume_study(
             raise StudyError(f"Study {name!r} has objective directions {study.directions}; this search needs {directions}.")
         return study, True
     try:
-        study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, directions=directions)
+        study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner,
+                                    directions=directions)
     except optuna.exceptions.DuplicatedStudyError:
         # Another worker created it between our look and our create: resume theirs.
-        return optuna.load_study(study_name=name, storage=storage, sampler=sampler), True
-    study.set_user_attr("space_fingerprint", space_fingerprint)
-    study.set_user_attr("settings", json.loads(json.dumps(settings, default=str)))
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner), True
+    update_record(study, space_fingerprint=space_fingerprint, settings=json.loads(json.dumps(settings, default=str)))
     return study, False
 
 
@@ -238,14 +184,6 @@ def load_study(name: str, storage_url: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def heartbeat_interval(study: optuna.Study) -> float | None:
-    """Seconds between heartbeats, or None when the storage has them off (Optuna wraps RDB
-    storages in a cache that forwards the heartbeat methods, not the attributes)."""
-    get = getattr(study._storage, "get_heartbeat_interval", None)
-    interval = get() if callable(get) else None
-    return float(interval) if interval else None
-
-
 def fail_stale_trials(study: optuna.Study) -> None:
     """Fail trials of dead workers elsewhere: Optuna's heartbeat check, plus the trials it misses.
 
@@ -260,7 +198,7 @@ def fail_stale_trials(study: optuna.Study) -> None:
         return
     optuna.storages.fail_stale_trials(study)
     storage = study._storage
-    grace = _grace_seconds()
+    grace = grace_seconds()
     now = datetime.datetime.now()
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -305,19 +243,23 @@ def reap_dead_local_trials(study: optuna.Study, *, retry: bool = True) -> list[F
 
 
 class TrialSlots:
-    """Hands out trials so that exactly ``n_trials`` finish, however many workers share the study."""
+    """Hands out trials so that exactly ``n_trials`` finish, however many workers share the study.
 
-    _COUNTED = (TrialState.COMPLETE, TrialState.RUNNING)
+    A trial stopped early by the study's stopper (PRUNED) counts as finished, as in Optuna's
+    ``n_trials``: ``--trials`` is the number of candidates a search looks at.
+    """
+
+    COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
     def __init__(self, study: optuna.Study, n_trials: int) -> None:
         self.study = study
         self.n_trials = n_trials
 
     def finished(self) -> int:
-        return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
     def remaining(self) -> int:
-        return max(0, self.n_trials - len(self.study.get_trials(deepcopy=False, states=self._COUNTED)))
+        return max(0, self.n_trials - len(self.study.get_trials(deepcopy=False, states=self.COUNTED)))
 
     def ask(self, fixed_params: Mapping[str, Any] | None = None,
             distributions: Mapping[str, optuna.distributions.BaseDistribution] | None = None) -> optuna.Trial | None:
@@ -335,7 +277,7 @@ class TrialSlots:
             self.study._storage.record_heartbeat(trial._trial_id)
         trial.set_user_attr(ATTR_WORKER, worker_id())
         before = [
-            t for t in self.study.get_trials(deepcopy=False, states=self._COUNTED) if t.number < trial.number
+            t for t in self.study.get_trials(deepcopy=False, states=self.COUNTED) if t.number < trial.number
         ]
         if len(before) >= self.n_trials:
             self.give_back(trial, "the study already had its trials when this worker asked")
@@ -348,27 +290,175 @@ class TrialSlots:
         self.study.tell(trial, state=TrialState.FAIL)
 
 
+# -- the stored-trial codec: the only place that reads or writes trial and study attributes --------
+
+
+@dataclass(frozen=True)
+class StoredTrial:
+    """One trial of a search as the study stores it, decoded.
+
+    Attributes:
+        number: the trial's number in the study.
+        state: Optuna's state: COMPLETE (evaluated), PRUNED (stopped early by the study's stopper),
+            FAIL, RUNNING or WAITING.
+        plan: the plan evaluated (None before its evaluation was recorded).
+        result: what the evaluation measured (for a stopped trial: at the step it stopped).
+        raw: the strategy's raw ratios before projection, when it proposed ratios.
+        baseline: ``uniform`` or ``global`` for the baseline trials, else None.
+        intermediate: fine-tuning step -> validation score reported on the way (multi-fidelity).
+        params: the trial's Optuna parameters.
+        skipped: given back unevaluated (a surplus or repeated trial), never counted.
+    """
+
+    number: int
+    state: TrialState
+    plan: Plan | None
+    result: TrialResult | None
+    raw: Mapping[str, float] | None
+    baseline: str | None
+    intermediate: Mapping[int, float]
+    params: Mapping[str, Any]
+    skipped: bool = False
+
+    @classmethod
+    def decode(cls, trial: FrozenTrial) -> StoredTrial:
+        attrs = trial.user_attrs
+        plan = attrs.get(ATTR_PLAN)
+        result = attrs.get(ATTR_RESULT)
+        return cls(
+            number=trial.number, state=trial.state,
+            plan=Plan.from_dict(plan, source=f"trial {trial.number}") if plan is not None else None,
+            result=TrialResult.from_dict(result) if result is not None else None,
+            raw=attrs.get(ATTR_RAW), baseline=attrs.get(ATTR_BASELINE),
+            intermediate=dict(trial.intermediate_values), params=dict(trial.params),
+            skipped=ATTR_SKIPPED in attrs,
+        )
+
+
+def stored_trials(study: optuna.Study, states: tuple[TrialState, ...] = (TrialState.COMPLETE,)) -> list[StoredTrial]:
+    """The study's trials in ``states`` that carry an evaluated plan, decoded, in number order."""
+    return [StoredTrial.decode(t) for t in study.get_trials(deepcopy=False, states=states)
+            if ATTR_RESULT in t.user_attrs and ATTR_PLAN in t.user_attrs]
+
+
 def completed_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Finished trials that carry an evaluated plan, in trial-number order."""
+    """Finished trials that carry an evaluated plan, in trial-number order (Optuna's objects)."""
     return [
         t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if ATTR_RESULT in t.user_attrs and ATTR_PLAN in t.user_attrs
     ]
 
 
-def best_trial(study: optuna.Study, *, max_macs_ratio: float | None = None) -> FrozenTrial | None:
+def failed_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Trials whose evaluation failed (not those given back unevaluated)."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if ATTR_SKIPPED not in t.user_attrs]
+
+
+def best_trial(study: optuna.Study, *, max_macs_ratio: float | None = None) -> StoredTrial | None:
     """The finished trial with the highest val_score (fewer MACs break ties).
 
-    After a latency search verified its best plan by measurement, that trial. With ``max_macs_ratio`` only trials at or below that MACs ratio count: how a Pareto search
-    picks the best plan for any budget.
+    After a latency search verified its best plan by measurement, that trial. With
+    ``max_macs_ratio`` only trials at or below that MACs ratio count: how a Pareto search picks the
+    best plan for any budget.
     """
-    candidates = completed_trials(study)
-    verified = study.user_attrs.get(ATTR_LATENCY_VERIFIED)
+    candidates = stored_trials(study)
+    verified = read_record(study).latency_verified_trial
     if max_macs_ratio is None and verified is not None:
         # A latency search's best is the best trial whose *measured* latency meets the budget.
         return next((t for t in candidates if t.number == verified), None)
     if max_macs_ratio is not None:
-        candidates = [t for t in candidates if t.user_attrs[ATTR_RESULT]["macs_ratio"] <= max_macs_ratio + 1e-12]
+        candidates = [t for t in candidates if t.result.macs_ratio <= max_macs_ratio + 1e-12]
     if not candidates:
         return None
-    return max(candidates, key=lambda t: (t.user_attrs[ATTR_RESULT]["val_score"], -t.user_attrs[ATTR_RESULT]["macs"]))
+    return max(candidates, key=lambda t: (t.result.val_score, -t.result.macs))
+
+
+def record_mlflow_run(trial: optuna.Trial, run_id: str) -> None:
+    """Name the MLflow child run of ``trial``; a running trial that has one is evaluating."""
+    trial.set_user_attr(ATTR_MLFLOW_RUN, run_id)
+
+
+def record_evaluation(trial: optuna.Trial, plan: Plan, result: TrialResult,
+                      raw: Mapping[str, float] | None) -> None:
+    """Store what ``trial`` evaluated and measured (before it is told finished or stopped)."""
+    trial.set_user_attr(ATTR_PLAN, plan.to_dict())
+    trial.set_user_attr(ATTR_RESULT, result.to_dict())
+    if raw is not None:
+        trial.set_user_attr(ATTR_RAW, dict(raw))
+
+
+def baseline_of(trial: optuna.Trial | FrozenTrial) -> str | None:
+    """``uniform``/``global`` for a baseline trial, else None."""
+    return trial.user_attrs.get(ATTR_BASELINE)
+
+
+def enqueue_baselines(study: optuna.Study, planned: list[tuple[str, dict[str, float]]], *, n_trials: int,
+                      new_study: bool) -> None:
+    """Enqueue baseline candidates (label, params) that fit in ``n_trials``.
+
+    In the process that created the study all of them; in a resumed study only those it never
+    had (a study made with fewer trials than baselines gets the rest when asked for more).
+    """
+    trials = study.get_trials(deepcopy=False)
+    if not new_study:
+        have = {baseline_of(t) for t in trials}
+        planned = [(label, params) for label, params in planned if label not in have]
+    done = len([t for t in trials if t.state in TrialSlots.COUNTED and t.state != TrialState.RUNNING])
+    for label, params in planned[: max(0, n_trials - done)]:
+        study.enqueue_trial(params, user_attrs={ATTR_BASELINE: label})
+
+
+def is_repeated_baseline(study: optuna.Study, trial: optuna.Trial) -> bool:
+    """Whether ``trial`` is a baseline that an earlier trial already evaluated or is evaluating."""
+    label = baseline_of(trial)
+    if label is None:
+        return False
+    return any(baseline_of(t) == label and t.number < trial.number
+               for t in study.get_trials(deepcopy=False, states=(*TrialSlots.COUNTED,)))
+
+
+@dataclass(frozen=True)
+class SearchRecord:
+    """What a study stores about its search as a whole.
+
+    Attributes:
+        settings: the search settings it was created with (passwords masked).
+        space_fingerprint: what the search's dimensions and objective were made from.
+        tracking_uri: the MLflow tracking URI it logged to (password masked).
+        experiment: the MLflow experiment name.
+        mlflow_run_id: the search's MLflow parent run.
+        measured_latency_ms: trial number -> latency measured after the search, in ms.
+        latency_verified_trial: the best trial whose measured latency meets a latency budget.
+    """
+
+    settings: Mapping[str, Any] | None = None
+    space_fingerprint: str | None = None
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    mlflow_run_id: str | None = None
+    measured_latency_ms: Mapping[int, float] = field(default_factory=dict)
+    latency_verified_trial: int | None = None
+
+
+_RECORD_ATTRS = {
+    "settings": ATTR_SETTINGS, "space_fingerprint": ATTR_FINGERPRINT, "tracking_uri": "tracking_uri",
+    "experiment": "experiment", "mlflow_run_id": ATTR_MLFLOW_RUN, "measured_latency_ms": ATTR_MEASURED_LATENCY,
+    "latency_verified_trial": ATTR_LATENCY_VERIFIED,
+}
+
+
+def read_record(study: optuna.Study) -> SearchRecord:
+    attrs = study.user_attrs
+    values = {name: attrs.get(key) for name, key in _RECORD_ATTRS.items()}
+    values["measured_latency_ms"] = {int(k): float(v) for k, v in (values["measured_latency_ms"] or {}).items()}
+    return SearchRecord(**values)
+
+
+def update_record(study: optuna.Study, **fields: Any) -> None:
+    """Store the given :class:`SearchRecord` fields (``None`` clears one)."""
+    for name, value in fields.items():
+        if name not in _RECORD_ATTRS:
+            raise TypeError(f"SearchRecord has no field {name!r}")
+        if name == "measured_latency_ms":
+            value = {str(k): v for k, v in value.items()}
+        study.set_user_attr(_RECORD_ATTRS[name], value)

@@ -8,13 +8,16 @@ trial that crashes ends its run FAILED rather than leaving it RUNNING.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 from ._workdir import exclusive_lock, sqlite_path
 from .errors import ConfigError, StorageError, redact, short
@@ -22,13 +25,45 @@ from .errors import ConfigError, StorageError, redact, short
 __all__ = ["Tracker", "default_tracking_uri", "check_server", "check_tracking_uri", "TRACKING_PARAM_LIMIT"]
 
 TRACKING_PARAM_LIMIT = 100  # more groups than this are logged in plan.json only, not as params
+_MLFLOW_BATCH = 100  # MLflow's limit of params per log_batch call
 
-# Each ended run would otherwise print two "View run at" lines (and fetch the run again) on a
-# tracking server; one search ends hundreds of runs.
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+#: How a run ends: FINISHED, FAILED, or KILLED (stopped by the user, or a trial stopped early).
+RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 
-for _noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking", "mlflow.store"):
-    logging.getLogger(_noisy).setLevel(logging.WARNING)
+
+def _quiet_mlflow() -> None:
+    """Silence what MLflow prints per run; done when a tracker is made, not on import."""
+    # Each ended run would otherwise print two "View run at" lines (and fetch the run again) on a
+    # tracking server; one search ends hundreds of runs.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking", "mlflow.store"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def _mlflow_errors(tracking_uri: str, doing: str) -> Iterator[None]:
+    """Turn what MLflow raises into :class:`StorageError`, the one boundary where its errors
+    (server unreachable, database locked or corrupt, a run deleted under us) become autoprune's."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except (MlflowException, OSError) as exc:
+        raise StorageError(
+            f"MLflow tracking store {redact(tracking_uri)} failed while {doing}: {type(exc).__name__}: {short(exc)}. "
+            "Check that the store is reachable and writable (sqlite:///path/mlflow.db or a running `mlflow server`)."
+        ) from None
+
+
+def _translated(doing: str) -> Callable[[_F], _F]:
+    """Decorate a :class:`Tracker` method so MLflow errors leave it as :class:`StorageError`."""
+    def wrap(method: _F) -> _F:
+        @functools.wraps(method)
+        def call(self: Tracker, *args: Any, **kwargs: Any) -> Any:
+            with _mlflow_errors(self.tracking_uri, doing):
+                return method(self, *args, **kwargs)
+        return call  # type: ignore[return-value]
+    return wrap
 
 
 def default_tracking_uri(workdir: Path) -> str:
@@ -52,6 +87,7 @@ class Tracker:
     def __init__(self, tracking_uri: str, experiment: str, *, artifact_root: Path | None = None) -> None:
         from mlflow import MlflowClient
 
+        _quiet_mlflow()
         if tracking_uri.startswith(("http://", "https://")):
             check_server(tracking_uri)
         self.tracking_uri = tracking_uri
@@ -85,6 +121,7 @@ class Tracker:
 
     # -- runs ------------------------------------------------------------------------------
 
+    @_translated("opening the search's parent run")
     def start_search(
         self, name: str, settings: Mapping[str, Any], *, resume_run_id: str | None = None, search_key: str | None = None
     ) -> str:
@@ -111,8 +148,8 @@ class Tracker:
                 self.client.delete_run(run_id)
                 return existing[0]
         params = [Param(k, _param_value(v)) for k, v in _flatten(settings).items()]
-        for i in range(0, len(params), 100):
-            self.client.log_batch(run_id, params=params[i : i + 100])
+        for i in range(0, len(params), _MLFLOW_BATCH):
+            self.client.log_batch(run_id, params=params[i : i + _MLFLOW_BATCH])
         return run_id
 
     def _parents(self, search_key: str) -> list[str]:
@@ -134,10 +171,12 @@ class Tracker:
             self.client.update_run(run_id, status="RUNNING")
         return True
 
-    def end_search(self, run_id: str, *, status: str = "FINISHED") -> None:
+    @_translated("ending the search's parent run")
+    def end_search(self, run_id: str, *, status: RunStatus = "FINISHED") -> None:
         """End the parent run: FINISHED, FAILED, or KILLED (stopped by the user)."""
         self.client.set_terminated(run_id, status=status)
 
+    @_translated("starting a trial's run")
     def start_trial(self, parent_run_id: str, number: int, tags: Mapping[str, str] | None = None) -> str:
         run = self.client.create_run(
             self.experiment_id, run_name=f"trial-{number:04d}",
@@ -146,6 +185,7 @@ class Tracker:
         )
         return run.info.run_id
 
+    @_translated("logging a finished trial")
     def finish_trial(
         self,
         run_id: str,
@@ -156,6 +196,27 @@ class Tracker:
         raw_ratios: Mapping[str, float] | None = None,
     ) -> None:
         """Log a finished trial's ratios (params), metrics and plan, and end its run FINISHED."""
+        self._log_trial(run_id, ratios=ratios, metrics=metrics, plan_json=plan_json, raw_ratios=raw_ratios)
+        self.client.set_terminated(run_id, status="FINISHED")
+
+    @_translated("logging a stopped trial")
+    def stop_trial(
+        self,
+        run_id: str,
+        *,
+        ratios: Mapping[str, float],
+        metrics: Mapping[str, float | None],
+        plan_json: str,
+        raw_ratios: Mapping[str, float] | None = None,
+    ) -> None:
+        """Log a trial the study's stopper ended early (Optuna: PRUNED): its run ends KILLED,
+        tagged ``autoprune.state=stopped``, with the metrics it had when it stopped."""
+        self._log_trial(run_id, ratios=ratios, metrics=metrics, plan_json=plan_json, raw_ratios=raw_ratios)
+        self.client.set_tag(run_id, "autoprune.state", "stopped")
+        self.client.set_terminated(run_id, status="KILLED")
+
+    def _log_trial(self, run_id: str, *, ratios: Mapping[str, float], metrics: Mapping[str, float | None],
+                   plan_json: str, raw_ratios: Mapping[str, float] | None) -> None:
         from mlflow.entities import Metric, Param
 
         now = _now_ms()
@@ -163,17 +224,18 @@ class Tracker:
         if raw_ratios is not None:
             params += [Param(f"raw.{k}", f"{v:.6g}") for k, v in list(raw_ratios.items())[:TRACKING_PARAM_LIMIT]]
         values = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and math.isfinite(v)]
-        for i in range(0, len(params), 100):
-            self.client.log_batch(run_id, params=params[i : i + 100], metrics=values if i == 0 else ())
+        for i in range(0, len(params), _MLFLOW_BATCH):
+            self.client.log_batch(run_id, params=params[i : i + _MLFLOW_BATCH], metrics=values if i == 0 else ())
         if not params:
             self.client.log_batch(run_id, metrics=values)
         self.client.log_text(run_id, plan_json, "plan.json")
-        self.client.set_terminated(run_id, status="FINISHED")
 
+    @_translated("marking a trial's run failed")
     def fail_trial(self, run_id: str, error: str) -> None:
         self.client.set_tag(run_id, "autoprune.error", error[:5000])
         self.client.set_terminated(run_id, status="FAILED")
 
+    @_translated("failing the runs of dead workers' trials")
     def fail_running_trials(self, parent_run_id: str, trial_numbers: set[int]) -> int:
         """End as FAILED the RUNNING child runs of the given trials (their workers died)."""
         if not trial_numbers:
@@ -192,6 +254,7 @@ class Tracker:
 
     # -- parent run ------------------------------------------------------------------------
 
+    @_translated("logging metrics")
     def log_metrics(self, run_id: str, metrics: Mapping[str, float | None], step: int = 0) -> None:
         from mlflow.entities import Metric
 
@@ -200,19 +263,24 @@ class Tracker:
         if values:
             self.client.log_batch(run_id, metrics=values)
 
+    @_translated("logging a text artifact")
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
 
+    @_translated("logging a figure")
     def log_figure(self, run_id: str, figure: Any, name: str) -> None:
         self.client.log_figure(run_id, figure, name)
 
+    @_translated("logging a file")
     def log_file(self, run_id: str, path: Path, artifact_dir: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_dir)
 
+    @_translated("tagging a run")
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         for k, v in tags.items():
             self.client.set_tag(run_id, k, v)
 
+    @_translated("listing a search's trial runs")
     def child_runs(self, parent_run_id: str) -> list[Any]:
         return list(
             self.client.search_runs([self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",

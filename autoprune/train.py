@@ -11,17 +11,18 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from ._progress import progress_bar
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .precision import Precision, as_input, autocast, to_memory_format
 
-__all__ = ["TrainRecipe", "train_model", "score_model", "predict", "top1_accuracy"]
+__all__ = ["TrainRecipe", "FinetuneSchedule", "Distillation", "distillation_loss", "train_model", "score_model", "predict",
+           "top1_accuracy"]
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], float]
 
@@ -42,6 +43,63 @@ class TrainRecipe:
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class FinetuneSchedule:
+    """How a pruned model is reached and fine-tuned: ``oneshot`` (prune once, then fine-tune) or
+    ``iterative:K`` (K steps, each removing 1/K of the channels to remove, then fine-tuning for
+    1/K of the epochs).
+
+    Attributes:
+        kind: ``oneshot`` or ``iterative``.
+        steps: prune/fine-tune steps (1 for oneshot).
+    """
+
+    kind: Literal["oneshot", "iterative"] = "oneshot"
+    steps: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> FinetuneSchedule:
+        """``oneshot`` or ``iterative:K`` (K >= 1), as ``--schedule`` takes it."""
+        if text == "oneshot":
+            return cls()
+        kind, _, steps = text.partition(":")
+        if kind == "iterative" and steps.isdigit() and int(steps) >= 1:
+            return cls("iterative", int(steps))
+        raise ConfigError(f"--schedule {text!r} is not allowed; use oneshot or iterative:K with K >= 1.")
+
+    def __str__(self) -> str:
+        return "oneshot" if self.kind == "oneshot" else f"iterative:{self.steps}"
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """Knowledge distillation from a teacher's logits (Hinton et al., 2015).
+
+    Attributes:
+        teacher: the model whose logits the student learns (the dense model; eval mode, not trained).
+        temperature: softmax temperature, > 0.
+        alpha: weight of the distillation term in [0, 1]; ``1 - alpha`` weighs the labels.
+    """
+
+    teacher: nn.Module
+    temperature: float = 4.0
+    alpha: float = 0.9
+
+    def loss(self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return distillation_loss(student, teacher, targets, temperature=self.temperature, alpha=self.alpha)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, *,
+                      temperature: float, alpha: float) -> torch.Tensor:
+    """``alpha`` T^2 KL(teacher || student) at temperature T plus ``1 - alpha`` cross-entropy with
+    the labels; logits (N, C), targets (N,)."""
+    t = temperature
+    soft = nn.functional.kl_div(nn.functional.log_softmax(student.float() / t, dim=1),
+                                nn.functional.softmax(teacher.float() / t, dim=1), reduction="batchmean")
+    hard = nn.functional.cross_entropy(student.float(), targets)
+    return alpha * t * t * soft + (1.0 - alpha) * hard
 
 
 def top1_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
@@ -122,6 +180,7 @@ def train_model(
     precision: Precision = "fp32",
     state_path: str | os.PathLike[str] | None = None,
     on_epoch: Callable[[int, nn.Module], None] | None = None,
+    distill: Distillation | None = None,
 ) -> nn.Module:
     """Train ``model`` in place for ``epochs`` passes over ``loader`` (fractions allowed).
 
@@ -130,7 +189,8 @@ def train_model(
     optimizer, schedule, random generators) is written there after every epoch, and a run with the
     same recipe, length and seed resumes from it where the last one stopped, reproducing the
     uninterrupted run; the file is removed when training ends. ``on_epoch(epoch, model)`` is
-    called after each finished epoch (1-based).
+    called after each finished epoch (1-based). With ``distill`` the loss is the distillation
+    loss against its teacher's logits on the same batch (``loss_fn`` is then not used).
 
     Returns the model, left in eval mode.
     """
@@ -165,8 +225,13 @@ def train_model(
         advance(step, "resumed" if step else "")
         while step < total:
             for x, y in loader:
+                x, y = as_input(x.to(device), precision), y.to(device)
                 with autocast(precision, device):
-                    loss = loss_fn(model(as_input(x.to(device), precision)), y.to(device))
+                    out = model(x)
+                    if distill is not None:
+                        with torch.no_grad():
+                            target_logits = distill.teacher(x)
+                loss = distill.loss(out, target_logits, y) if distill is not None else loss_fn(out.float(), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -28,8 +28,8 @@ import autoprune as ap  # noqa: E402
 from _machine import machine_info, write_results  # noqa: E402
 from autoprune import pruning  # noqa: E402
 from autoprune.budget import reachable_range  # noqa: E402
-from autoprune.export import write_onnx  # noqa: E402
-from autoprune.latency import LatencySettings, build_predictor, measure_many, measure_onnx_many, simd_round_to  # noqa: E402
+from autoprune._onnx import measure_onnx_many, write_onnx  # noqa: E402
+from autoprune.latency import LatencySettings, build_predictor, measure_many, simd_round_to  # noqa: E402
 from autoprune.task import dense_model  # noqa: E402
 
 TASKS = ["digits-cnn", "fashionmnist-resnet20", "cifar10-resnet20", "cifar10-resnet56", "cifar10-plain20",

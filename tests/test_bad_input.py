@@ -345,3 +345,102 @@ def test_plan_with_a_duplicate_key_is_refused():
     text = ap.uniform_plan(_untrained_digits_profile(), ap.Budget(flops=0.5)).to_json()
     with pytest.raises(ap.PlanError, match="key 'task' appears twice"):
         ap.Plan.from_json(text.replace("{", '{"task": "fashionmnist-cnn", ', 1))
+
+
+# -- the reliability issue's remaining user mistakes, one test each --------------------------------
+
+
+def test_negative_threads(capsys, workdir):
+    _refused(capsys, workdir, "search", "--threads", "-1", expect=["--threads must be a positive integer"])
+
+
+def test_empty_checkpoint_file(capsys, workdir):
+    (workdir / "checkpoints" / "digits-cnn.pt").write_bytes(b"")
+    _refused(capsys, workdir, "search", "--trials", "1", expect=["digits-cnn.pt", "it is empty"])
+
+
+def test_pickled_checkpoint_names_its_object_not_torchs_advice(capsys, workdir):
+    torch.save({"model": torch.nn.Linear(2, 2)}, workdir / "checkpoints" / "digits-cnn.pt")
+    out = _refused(capsys, workdir, "search", "--trials", "1", expect=["pickled torch.nn.modules.linear.Linear"])
+    assert "weights_only set to False" not in out and "weights_only=False" not in out
+
+
+def test_apply_out_is_a_directory(capsys, workdir, tmp_path):
+    import autoprune as ap
+    from autoprune.task import dense_model
+
+    plan = ap.uniform_plan(ap.profile_model(*dense_model("digits-cnn", pretrained=False)), ap.Budget(flops=0.5))
+    plan_file = plan.save(tmp_path / "plan.json")
+    code, out = _cli(capsys, "apply", "--plan", str(plan_file), "--out", str(tmp_path), "--workdir", str(workdir))
+    assert code == 2 and "is a directory" in out and "pruned.pt" in out and "Traceback" not in out
+
+
+def test_export_out_under_an_unwritable_parent_is_refused_before_any_work(capsys, workdir, tmp_path):
+    parent = tmp_path / "a-file"  # a path under a file cannot be created, whoever runs the test
+    parent.write_text("not a directory")
+    code, out = _cli(capsys, "export", "--study", "none-yet", "--out", str(parent / "exported"),
+                     "--workdir", str(workdir))
+    assert code == 2 and "cannot be created" in out and "Traceback" not in out
+    assert not (workdir / "optuna.db").exists()  # refused before the study was even opened
+
+
+@pytest.mark.parametrize("uri", ["ftp://host/x", "/plain/path/mlruns", "file:///tmp/mlruns"])
+def test_tracking_uri_that_is_not_a_tracking_store(capsys, workdir, uri):
+    _refused(capsys, workdir, "search", "--tracking-uri", uri, expect=["--tracking-uri", "sqlite:///path/to/mlflow.db"])
+
+
+def test_storage_that_is_not_a_database_url(capsys, workdir):
+    _refused(capsys, workdir, "search", "--storage", "/tmp/optuna.db", expect=["--storage", "sqlite:///path/to/optuna.db"])
+
+
+@pytest.mark.parametrize("spec, words", [
+    (":make", "is not of the form 'package.module:function'"),
+    ("mod:", "is not of the form 'package.module:function'"),
+    ("broken_syntax_task:make_task", "has a syntax error at"),
+    ("user_tasks:non_numeric_score", "did not return a number"),
+])
+def test_more_bad_user_tasks(capsys, workdir, tmp_path, monkeypatch, spec, words):
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "broken_syntax_task.py").write_text("def make_task(:\n    pass\n")
+    monkeypatch.syspath_prepend(str(modules))
+    _refused(capsys, workdir, "search", "--space", _space(tmp_path, task=spec), expect=[words])
+
+
+def test_a_dense_model_with_nan_outputs_is_refused(capsys, workdir, tmp_path):
+    _refused(capsys, workdir, "search", "--space", _space(tmp_path, task="user_tasks:nan_outputs"),
+             expect=["outputs on the validation data are not all finite"])
+
+
+def test_finetune_epochs_nan_is_refused(capsys, workdir):
+    code, out = _cli(capsys, "export", "--study", "x", "--out", str(workdir / "exp"), "--finetune-epochs", "nan",
+                     "--workdir", str(workdir))
+    assert code == 2 and "--finetune-epochs must be a finite number" in out and "Traceback" not in out
+
+
+def test_resuming_a_study_with_another_space_names_what_differs(capsys, workdir, tmp_path):
+    code, out = _cli(capsys, "search", "--trials", "1", "--study", "kept", "--workdir", str(workdir))
+    assert code == 0, out
+    code, out = _cli(capsys, "search", "--trials", "2", "--study", "kept", "--budget", "flops=0.3",
+                     "--workdir", str(workdir))
+    assert code == 2 and "budget: {'flops': 0.5} in the study, {'flops': 0.3} now" in out and "None" not in out
+
+
+def test_a_killed_exports_leftovers_are_cleared(capsys, workdir, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = tmp_path / f".exported.partial-{dead.pid}-abc"
+    leftover.mkdir()
+    (leftover / "model.pt").write_bytes(b"half")
+    _cli(capsys, "export", "--study", "no-such-study", "--out", str(tmp_path / "exported"), "--workdir", str(workdir))
+    assert not leftover.exists()
+
+
+def test_rich_markup_in_a_message_is_shown_as_typed(capsys, workdir, tmp_path):
+    path = tmp_path / "markup.yaml"
+    path.write_text("task: digits-cnn\n'[/b]': 1\n")
+    code, out = _cli(capsys, "search", "--space", str(path), "--workdir", str(workdir))
+    assert code == 2 and "[/b]" in out and "Traceback" not in out

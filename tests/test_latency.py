@@ -6,12 +6,12 @@ import torch
 from conftest import REPO, mlflow_runs
 
 import autoprune as ap
+from autoprune._onnx import measure_onnx_many
 from autoprune.export import write_deployables, write_onnx
 from autoprune.latency import (
     LatencySettings,
     build_predictor,
     measure_latency,
-    measure_onnx_many,
     simd_round_to,
     with_check,
 )

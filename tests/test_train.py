@@ -90,7 +90,7 @@ def test_bf16_training_learns_like_fp32(digits_task):
 def test_bf16_is_refused_where_the_cpu_lacks_it(monkeypatch):
     import autoprune.precision as precision
 
-    monkeypatch.setattr(precision, "_cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
     with pytest.raises(ap.ConfigError, match="bfloat16 instructions"):
         resolve_precision("bf16")
     assert resolve_precision("auto") == "fp32"

@@ -20,3 +20,26 @@ def raises() -> ap.Task:
 
 def not_a_task():
     return 42
+
+
+def non_numeric_score(workdir=None) -> ap.Task:
+    import dataclasses
+
+    base = ap.load_task("digits-cnn", workdir=workdir)
+    return dataclasses.replace(base, name="text-score", score_fn=lambda logits, targets: "excellent")
+
+
+class _NaNOutputs(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * float("nan")
+
+
+def nan_outputs(workdir=None) -> ap.Task:
+    import dataclasses
+
+    base = ap.load_task("digits-cnn", workdir=workdir)
+    return dataclasses.replace(base, name="nan-outputs", model=_NaNOutputs(base.model))

@@ -14,7 +14,8 @@ from ..errors import ConfigError
 from ..plan import Plan
 from .base import PARETO_TARGET, BaseStrategy, SearchContext
 
-__all__ = ["OptunaStrategy", "RandomSearchStrategy", "make_sampler", "SAMPLER_NAMES", "trial_seed"]
+__all__ = ["OptunaStrategy", "RandomSearchStrategy", "make_sampler", "make_stopper", "stopper_step", "SAMPLER_NAMES",
+           "STOPPER_NAMES", "trial_seed"]
 
 SAMPLER_NAMES = ("tpe", "gp", "cmaes", "random", "qmc", "nsga2")
 _SINGLE_OBJECTIVE_ONLY = ("cmaes",)
@@ -110,6 +111,40 @@ def _base_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     raise AssertionError(name)
 
 
+STOPPER_NAMES = ("none", "median", "successive_halving", "hyperband")
+
+
+def stopper_step(rung: int, reduction_factor: int) -> int:
+    """The step a trial reports its score at after fine-tuning rung ``rung`` (0: recalibration).
+
+    Optuna's successive halving and Hyperband place rung ``k`` at step ``min_resource * eta**k``;
+    reporting rung ``k`` at ``eta**k`` makes every fidelity rung of the search space one of
+    theirs, whatever its number of SGD steps, with rung 0 (adaptive BN alone, the cheapest
+    filter) the first decision point.
+    """
+    return reduction_factor**rung
+
+
+def make_stopper(name: str, *, rungs: int, reduction_factor: int = 3) -> optuna.pruners.BasePruner:
+    """The study's stopper (an Optuna pruner) over ``rungs`` fidelity rungs, by name.
+
+    ``successive_halving`` keeps the best ``1/reduction_factor`` of the trials that reached a
+    rung; ``hyperband`` runs several such brackets; ``median`` stops a trial below the median of
+    earlier trials at the same rung; ``none`` never stops one.
+    """
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=reduction_factor,
+                                                      min_early_stopping_rate=0)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=stopper_step(rungs - 1, reduction_factor),
+                                              reduction_factor=reduction_factor)
+    raise ConfigError(f"Unknown stopper (fidelity.pruner) {name!r}; allowed: {', '.join(STOPPER_NAMES)}.")
+
+
 class OptunaStrategy(BaseStrategy):
     """Sample raw ratios with an Optuna sampler, starting from the uniform and global baselines.
 
@@ -118,6 +153,7 @@ class OptunaStrategy(BaseStrategy):
     """
 
     name = "optuna"
+    supports_pareto = True
 
     def __init__(self, *, sampler: str = "tpe", enqueue_baselines: bool = True) -> None:
         self.sampler = sampler

@@ -3,6 +3,7 @@
 A strategy proposes candidates; it never tracks, exports or counts trials itself. It asks the
 search context for a trial, turns its proposal (raw ratios, or a ready plan) into a trial with
 :meth:`SearchContext.run_trial`, and stops when :meth:`SearchContext.ask` returns ``None``.
+The lifecycle of one trial is documented once, on :class:`SearchContext`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ..profile import ModelProfile
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["BaseStrategy", "SearchContext", "TrialOutcome", "PARETO_TARGET"]
+__all__ = ["BaseStrategy", "SearchContext", "TrialOutcome", "TrialStopped", "PARETO_TARGET"]
 
 # Extra dimension of a Pareto search: the budget fraction each trial is projected onto.
 PARETO_TARGET = "_budget_fraction"
@@ -29,16 +30,47 @@ PARETO_TARGET = "_budget_fraction"
 
 @dataclass(frozen=True)
 class TrialOutcome:
-    """A finished trial: its number, the plan evaluated and what the evaluation measured."""
+    """A finished trial: its number, the plan evaluated and what the evaluation measured.
+
+    ``stopped`` trials were ended early by the study's stopper (Optuna: PRUNED) after
+    ``result.finetune_steps`` fine-tuning steps; their score is the one they stopped at, a
+    lower-fidelity number than a complete trial's.
+    """
 
     number: int
     plan: Plan
     result: TrialResult
     raw_ratios: Mapping[str, float] | None = None
+    stopped: bool = False
+
+
+class TrialStopped(Exception):
+    """Raised inside a trial's evaluation when the study's stopper ends it at an intermediate step.
+
+    Attributes:
+        step: fine-tuning steps done when it stopped (0: after BatchNorm recalibration alone).
+        score: the validation score reported at that step.
+    """
+
+    def __init__(self, step: int, score: float) -> None:
+        super().__init__(f"stopped after {step} fine-tuning steps at validation score {score:.4f}")
+        self.step = step
+        self.score = score
 
 
 class SearchContext(abc.ABC):
     """The search as a strategy sees it.
+
+    The lifecycle of a trial, in order:
+
+    1. :meth:`ask` hands out a trial, or ``None`` when the study has its trials (finished or
+       running elsewhere) or the user stopped the search;
+    2. :meth:`run_trial` chooses the plan (projects the raw ratios onto the budget), evaluates
+       it, and records it in the study and in MLflow;
+    3. during the evaluation, a multi-fidelity search reports the validation score after each
+       fine-tuning rung, and the study's stopper may end the trial there (stopped);
+    4. the outcome is sorted into complete, stopped or failed before anything acts on it; the
+       strategy's :meth:`BaseStrategy.after_trial` then sees it (``None`` for a failed trial).
 
     Attributes:
         profile: the dense model's groups and cost model.
@@ -51,6 +83,8 @@ class SearchContext(abc.ABC):
         baselines: the uniform and global plans at the budget.
         latency: the latency predictor of a search that measures latency (else None); a latency
             budget's costs come from it.
+        is_new_study: whether this process created the study (nothing of an earlier search under
+            its name, such as a strategy's saved state, belongs to it).
     """
 
     profile: ModelProfile
@@ -61,6 +95,7 @@ class SearchContext(abc.ABC):
     seed: int
     baselines: dict[str, Plan]
     latency: LatencyModel | None = None
+    is_new_study: bool = False
 
     @property
     @abc.abstractmethod
@@ -80,7 +115,10 @@ class SearchContext(abc.ABC):
     def run_trial(
         self, trial: optuna.Trial, *, raw: Mapping[str, float] | None = None, plan: Plan | None = None
     ) -> TrialOutcome | None:
-        """Project ``raw`` onto the budget (or take ``plan``), evaluate, record; None if it failed."""
+        """Project ``raw`` onto the budget (or take ``plan``), evaluate, record; None if it failed.
+
+        A stopped trial returns its outcome with ``stopped=True``.
+        """
 
     @abc.abstractmethod
     def project(self, raw: Mapping[str, float]) -> Plan:
@@ -102,6 +140,10 @@ class BaseStrategy(abc.ABC):
     name: ClassVar[str]
     #: False for strategies that run a single trial whatever the requested trial count
     uses_trial_budget: ClassVar[bool] = True
+    #: whether several worker processes may share one study with this strategy
+    supports_workers: ClassVar[bool] = True
+    #: whether it can search the accuracy/MACs front (``objective: pareto``)
+    supports_pareto: ClassVar[bool] = False
 
     def initial_trials(self, baselines: Mapping[str, Plan],
                        dimensions: Mapping[str, tuple[float, float]]) -> list[tuple[str, dict[str, float]]]:
@@ -115,3 +157,7 @@ class BaseStrategy(abc.ABC):
     @abc.abstractmethod
     def search(self, context: SearchContext) -> None:
         """Run trials through ``context`` until :meth:`SearchContext.ask` returns ``None``."""
+
+    def after_trial(self, outcome: TrialOutcome | None) -> None:
+        """Called by the runner after each trial this strategy ran (``None``: it failed). Does
+        nothing by default; a strategy that must learn from stopped trials can override it."""

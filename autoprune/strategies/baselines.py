@@ -9,6 +9,7 @@ __all__ = ["UniformStrategy", "GlobalStrategy"]
 
 class _FixedPlanStrategy(BaseStrategy):
     uses_trial_budget = False
+    supports_workers = False
 
     def search(self, context: SearchContext) -> None:
         trial = context.ask()

@@ -29,7 +29,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from ...budget import Budget, LatencyModel, _Grid, project, resolve_bounds
+from ..._lattice import Grid
+from ...budget import Budget, LatencyModel, project, resolve_bounds
 from ...errors import ConfigError
 from ...evaluate import Evaluator, TrialResult
 from ...plan import Plan
@@ -148,17 +149,17 @@ class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
 
         # The grid refuses a bad round_to and gives the channel options each group may take.
         self.latency = latency
-        grid = _Grid(profile, self.budget, self.bounds, round_to, latency)
+        grid = Grid(profile, self.budget, self.bounds, round_to, latency)
         grid.check_feasible()  # an infeasible budget fails here, before any episode
         self._names = profile.names
         self._dense = grid.dense  # (G,) dense channels per group
         self._low = grid.lo  # (G,) ratio ranges
         self._high = grid.hi
-        smallest, _ = grid.extremes()
+        smallest, _ = grid.lattice.extremes()
         self._max_removed = grid.dense - smallest  # (G,) most channels each group may remove
         self._limit = grid.limit
         # Clipping needs the budget's metric as a function of the (continuous) channels removed.
-        if self.budget.is_latency and latency is not None:  # _Grid refused latency without a predictor
+        if self.budget.is_latency and latency is not None:  # Grid refused latency without a predictor
             predict = latency.predict_kept  # interpolates between measured channel counts
             self._metric_cost: Callable[[np.ndarray], float] = lambda removed: predict(self._dense - removed)
         else:
@@ -294,11 +295,8 @@ class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
             ev = EvaluationSettings()
             if self.task is None:  # __init__ refuses this; kept for type checkers
                 raise ConfigError("PruningEnv needs task= to evaluate plans, or evaluate_fn=.")
-            self._evaluator = Evaluator(
-                self.task, calibration_batches=ev.calibration_batches, val_samples=ev.val_samples,
-                finetune_steps=ev.finetune_steps, importance=ev.importance, seed=self._seed, profile=self.profile,
-                latency=self.latency,
-            )
+            self._evaluator = Evaluator.from_settings(self.task, ev, seed=self._seed, profile=self.profile,
+                                                      latency=self.latency)
         return self._evaluator.evaluate(plan)
 
 

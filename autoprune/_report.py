@@ -1,0 +1,220 @@
+"""What ``autoprune export`` measured, typed: the rows of the report, its latency section, and
+the Markdown and JSON it is written as (``report.json`` keeps the layout of autoprune 0.1)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .latency import LatencySettings
+from .plan import Plan
+
+__all__ = ["ModelRow", "LatencyReport", "ExportReport", "report_markdown", "uniform_wins_on_val"]
+
+
+def uniform_wins_on_val(searched_val: float, uniform_val: float) -> bool:
+    """``--choose val``'s rule: the uniform plan replaces the searched one only if it scores strictly
+    higher on the validation split after the same fine-tuning."""
+    return uniform_val > searched_val
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One model of the report (dense, searched or uniform).
+
+    Attributes:
+        macs, params: counted by Torch-Pruning on the model itself.
+        score: the task's score on the report's split (test, or val for tasks without one).
+        val_score: the validation score after fine-tuning (None for the dense model).
+        subsets: score on each named part of the test split (CIFAR-10's ``lossless`` images).
+        macs_ratio, params_ratio: over the dense model's.
+    """
+
+    macs: float
+    params: float
+    score: float
+    val_score: float | None = None
+    subsets: Mapping[str, float] = field(default_factory=dict)
+    macs_ratio: float = 1.0
+    params_ratio: float = 1.0
+
+
+@dataclass(frozen=True)
+class LatencyReport:
+    """Dense and pruned latency, timed round-robin (ms per batch of ``settings``)."""
+
+    settings: LatencySettings
+    dense_ms: float
+    dense_spread_ms: float
+    pruned_ms: float
+    pruned_spread_ms: float
+    macs_reduction: float
+    simd_channels: int
+    unaligned_groups: tuple[str, ...]
+    onnxruntime: Mapping[str, Any] | None = None
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_ms / self.pruned_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {
+            "settings": self.settings.to_dict(), "dense_ms": self.dense_ms, "dense_spread_ms": self.dense_spread_ms,
+            "pruned_ms": self.pruned_ms, "pruned_spread_ms": self.pruned_spread_ms, "speedup": self.speedup,
+            "macs_reduction": self.macs_reduction, "simd_channels": self.simd_channels,
+            "unaligned_groups": list(self.unaligned_groups),
+        }
+        if self.onnxruntime is not None:
+            data["onnxruntime"] = dict(self.onnxruntime)
+        return data
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What ``autoprune export`` wrote and measured (``report.json`` is :meth:`to_dict`).
+
+    Attributes:
+        out_dir: the directory written.
+        plan: the plan of the exported model (searched, or uniform under ``--choose val``).
+        trial: the study's trial the searched plan came from.
+        study, task, strategy, budget: where the plan came from.
+        finetune_epochs, schedule, distill, precision: how both pruned models were fine-tuned.
+        split: the split ``score`` is measured on (``test``, or ``val`` for tasks without one).
+        dense, searched, uniform: the three models' rows.
+        val_score_before_finetune: the searched plan's candidate score during the search.
+        choose, exported: ``--choose`` and which model was written (``searched`` or ``uniform``).
+        latency: dense and exported latency.
+        formats: the deployable files written and how they compare with PyTorch.
+    """
+
+    out_dir: Path
+    plan: Plan
+    trial: int
+    study: str
+    task: str
+    strategy: str | None
+    budget: Mapping[str, float] | None
+    finetune_epochs: float
+    schedule: str
+    split: str
+    dense: ModelRow
+    searched: ModelRow
+    uniform: ModelRow
+    val_score_before_finetune: float
+    choose: str
+    exported: str
+    latency: LatencyReport | None = None
+    formats: Mapping[str, Any] = field(default_factory=dict)
+    distill: Mapping[str, float] | None = None
+    precision: str = "fp32"
+
+    @property
+    def exported_row(self) -> ModelRow:
+        return self.searched if self.exported == "searched" else self.uniform
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The report as ``report.json`` holds it (the name autoprune 0.1 used)."""
+        return self.to_dict()
+
+    def to_dict(self) -> dict[str, Any]:
+        s, u, d = self.searched, self.uniform, self.dense
+        data: dict[str, Any] = {
+            "study": self.study, "trial": self.trial, "task": self.task, "budget": self.budget,
+            "strategy": self.strategy, "finetune_epochs": self.finetune_epochs, "schedule": self.schedule,
+            "score_split": self.split,
+            "dense": {"macs": d.macs, "params": d.params, "score": d.score},
+            "pruned": {"macs": s.macs, "params": s.params, "macs_ratio": s.macs_ratio, "params_ratio": s.params_ratio,
+                       "score": s.score, "val_score_before_finetune": self.val_score_before_finetune,
+                       "score_minus_uniform": s.score - u.score, "val_score_finetuned": s.val_score},
+            "uniform": {"macs": u.macs, "params": u.params, "macs_ratio": u.macs_ratio, "score": u.score,
+                        "val_score_finetuned": u.val_score},
+            "choose": self.choose, "exported": self.exported,
+        }
+        if self.latency is not None:
+            data["latency"] = self.latency.to_dict()
+        data["formats"] = dict(self.formats)
+        data["distill"] = dict(self.distill) if self.distill is not None else None
+        data["precision"] = self.precision
+        if d.subsets:
+            data["test_subsets"] = {name: {"dense": d.subsets[name], "pruned": s.subsets[name],
+                                           "uniform": u.subsets[name]} for name in d.subsets}
+        return data
+
+
+def report_markdown(r: ExportReport) -> str:
+    """The report as ``report.md`` shows it."""
+    split = r.split
+    rows = [("dense", r.dense, ""), (f"searched (trial {r.trial})", r.searched, f"{r.searched.val_score:.4f}"),
+            ("uniform baseline", r.uniform, f"{r.uniform.val_score:.4f}")]
+    subsets = list(r.dense.subsets)
+    distill = (f"distilled from the dense model (temperature {r.distill['temperature']:g}, weight {r.distill['alpha']:g})"
+               if r.distill else "without distillation")
+    lines = [
+        f"# autoprune export: {r.task}, study {r.study}",
+        "",
+        f"Budget {r.budget}; best plan from {r.strategy}; both pruned models fine-tuned "
+        f"{r.finetune_epochs} epoch(s), schedule {r.schedule}, {distill}, {r.precision}; scores on the {split} "
+        "split. MACs as Torch-Pruning counts them.",
+        "",
+        f"| model | MACs | MACs ratio | params | {split} score |" + "".join(f" {split} {n} |" for n in subsets)
+        + " val score |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(subsets) + "---:|",
+    ]
+    lines += [f"| {name} | {row.macs:,.0f} | {row.macs_ratio:.3f} | {row.params:,.0f} | {row.score:.4f} |"
+              + "".join(f" {row.subsets[n]:.4f} |" for n in subsets) + f" {val} |" for name, row, val in rows]
+    diff = r.searched.score - r.uniform.score
+    lines += ["", f"Searched minus uniform: {diff:+.4f} ({'better' if diff > 0 else 'not better'} than the uniform baseline)."]
+    if r.exported == "uniform":
+        lines.append("Exported: the uniform plan, which scores higher on the validation split after fine-tuning (--choose val).")
+    elif r.choose == "val":
+        lines.append("Exported: the searched plan, which scores at least as high on the validation split after fine-tuning.")
+    elif uniform_wins_on_val(r.searched.val_score, r.uniform.val_score):
+        lines.append("Exported: the searched plan, although the uniform plan scores higher on the validation split after "
+                     "fine-tuning; `--choose val` would export that one instead.")
+    lines.append("")
+    if r.latency is not None:
+        lines += _latency_markdown(r.latency)
+    for name, info in r.formats.items():
+        if "file" in info:
+            lines.append(f"- {info['file']} ({name}): {_format_check(info)}")
+        else:
+            lines.append(f"- {name}: not written ({info['error']})")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _format_check(info: Mapping[str, Any]) -> str:
+    if "max_abs_diff" not in info:
+        return str(info.get("check", "outputs not compared"))
+    verdict = "outputs match PyTorch" if info.get("matches") else "OUTPUTS DIFFER from PyTorch beyond the tolerance"
+    return f"{verdict} (max abs diff {info['max_abs_diff']:.1e})"
+
+
+def _latency_markdown(lat: LatencyReport) -> list[str]:
+    s = lat.settings
+    lines = [
+        f"## Latency ({s.device}, batch {s.batch_size}, {s.threads} thread(s), median of {s.repeats})",
+        "",
+        "| model | ms per batch | spread (p90-p10) |",
+        "|---|---:|---:|",
+        f"| dense | {lat.dense_ms:.3f} | {lat.dense_spread_ms:.3f} |",
+        f"| pruned | {lat.pruned_ms:.3f} | {lat.pruned_spread_ms:.3f} |",
+    ]
+    ort = lat.onnxruntime or {}
+    if "pruned_ms" in ort:
+        lines += [f"| dense, ONNX Runtime | {ort['dense_ms']:.3f} | |", f"| pruned, ONNX Runtime | {ort['pruned_ms']:.3f} | |"]
+    lines += ["", f"Measured speedup {lat.speedup:.2f}x (PyTorch)"
+              + (f", {ort['speedup']:.2f}x (ONNX Runtime)" if "speedup" in ort else "")
+              + f" for a {lat.macs_reduction:.2f}x MACs reduction."]
+    if "error" in ort:
+        lines.append(f"ONNX Runtime latency not measured: {ort['error']}.")
+    if lat.unaligned_groups:
+        lines.append(
+            f"{len(lat.unaligned_groups)} group(s) keep a channel count that is not a multiple of "
+            f"{lat.simd_channels}, this device's vector width; kernels pad them, so their MACs cut buys "
+            f"less time. Search with `groups: {{round_to: {lat.simd_channels}}}` for a faster model.")
+    lines.append("")
+    return lines
