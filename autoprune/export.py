@@ -33,7 +33,7 @@ from .profile import ModelProfile, profile_model
 from .pruned import PRUNED_FORMAT, load_pruned, save_pruned
 from .settings import SearchSettings, latency_settings
 from .study import StoredTrial, best_trial, default_storage_url, load_study, read_record
-from .task import Task, load_task, test_scores
+from .task import Task, load_task, score_test_splits
 from .train import Distillation, FinetuneSchedule, score_model, train_model
 
 __all__ = [
@@ -252,7 +252,7 @@ def _finetune_pair(inputs: _Inputs, *, epochs: float, schedule: FinetuneSchedule
 def _row(model: nn.Module, task: Task, loader: Any, dense: tuple[float, float] | None,
          finetuned: bool) -> ModelRow:
     macs, params = pruning.count_macs_params(model, task.example_input)
-    tests = test_scores(model, task)
+    tests = score_test_splits(model, task)
     return ModelRow(
         macs=macs, params=params, score=score_model(model, loader, task.score_fn),
         val_score=score_model(model, task.val_loader, task.score_fn) if finetuned else None,

@@ -34,7 +34,7 @@ from .train import ScoreFn, TrainRecipe, score_model, top1_accuracy, train_model
 
 __all__ = [
     "Task", "load_task", "dense_model", "builtin_task_names", "train_task", "load_state_dict", "checkpoint_path",
-    "test_scores",
+    "score_test_splits",
 ]
 
 SHIPPED_CHECKPOINTS = Path(__file__).parent / "checkpoints"
@@ -203,7 +203,7 @@ def _loaders(splits: _data.Splits, recipe: TrainRecipe, seed: int) -> _Loaders:
     )
 
 
-def test_scores(model: nn.Module, task: Task, *, precision: Precision = "fp32") -> dict[str, float]:
+def score_test_splits(model: nn.Module, task: Task, *, precision: Precision = "fp32") -> dict[str, float]:
     """The model's score on the task's test split (key ``test``) and on each named test subset
     (``test_<name>``); empty when the task has no test split."""
     if task.test_loader is None:
@@ -261,7 +261,7 @@ def train_task(
         if log_path.is_file() else []
     task = Task(name=name, model=model, example_input=torch.zeros(spec.input_shape), train_loader=loaders.train,
                 val_loader=loaders.val, test_loader=loaders.test, test_subsets=loaders.test_subsets)
-    tests = test_scores(model, task)
+    tests = score_test_splits(model, task)
     meta = {
         "task": name, "epochs": epochs, "seed": seed, "recipe": spec.recipe.to_dict(), "precision": chosen,
         "val_accuracy": score_model(model, loaders.val),
