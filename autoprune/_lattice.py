@@ -51,7 +51,8 @@ class Lattice:
             if self.size(i) == 0:
                 raise ConfigError(
                     f"Group {name!r} ({n} channels) has no channel count that is a multiple of "
-                    f"round_to={step} with a ratio in [{low}, {high}]; widen the ratio range or lower round_to."
+                    f"{step} (round_to, and the group's channel blocks) with a ratio in [{low}, {high}]; "
+                    "widen the ratio range or lower round_to."
                 )
 
     def size(self, d: int) -> int:
@@ -150,8 +151,10 @@ class Grid:
         self.dense = np.array([g.channels for g in profile.groups], dtype=np.float64)
         self.lo = np.array([self.bounds[n][0] for n in self.names])
         self.hi = np.array([self.bounds[n][1] for n in self.names])
-        # round_to is the step of every channel group (each kept count a multiple of it).
-        self.lattice = Lattice(self.names, self.dense, self.lo, self.hi, [round_to] * len(self.names))
+        # Each kept count is a multiple of round_to and of the group's blocks (grouped convolutions
+        # lose channels evenly from every block).
+        steps = [math.lcm(round_to, g.divisor) for g in profile.groups]
+        self.lattice = Lattice(self.names, self.dense, self.lo, self.hi, steps)
         self.latency = latency
         self.cost = Cost(profile, budget, latency)
         self.limit = self.cost.limit

@@ -192,6 +192,8 @@ class Evaluator:
             task.model, task.example_input, self.importance,
             ignored_layers=task.ignored_layers, batches=self._train_batches[:4],
         )
+        # Traced once: every candidate is cut from the same dense model.
+        self._surgeon = pruning.Surgeon(task.model, task.example_input, task.ignored_layers)
         self._dense_score: float | None = None
 
     @classmethod
@@ -259,8 +261,7 @@ class Evaluator:
     def _cut(self, plan: Plan) -> nn.Module:
         check_plan_matches(plan, [(g.name, g.channels) for g in self.profile.groups], what=f"task {self.task.name!r}",
                            input_shape=tuple(self.task.example_input.shape))
-        model = pruning.prune_copy(self.task.model, self.task.example_input, plan.kept, self.scores)
-        return to_memory_format(model, self.precision)
+        return to_memory_format(self._surgeon.prune(plan.kept, self.scores), self.precision)
 
     def recalibrate(self, model: nn.Module) -> None:
         """Adaptive BN on the evaluator's calibration batches (under its precision)."""

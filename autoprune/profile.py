@@ -9,6 +9,7 @@ channels removed from each group, so one pruned trace per group measures those s
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,8 @@ class GroupInfo:
         macs_share: ``macs`` as a fraction of the whole model's MACs.
         in_channels, kernel_size, stride, height, width: the root layer's shape (AMC's embedding);
             height and width are the root's output feature map (1 for linear layers).
+        divisor: the group's channels come in this many equal blocks (grouped convolutions,
+            GroupNorm) and are removed evenly from each: every kept count is a multiple of it.
     """
 
     name: str
@@ -52,13 +55,14 @@ class GroupInfo:
     stride: int
     height: int
     width: int
+    divisor: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "channels": self.channels, "members": list(self.members),
             "macs": self.macs, "macs_share": self.macs_share, "in_channels": self.in_channels,
             "kernel_size": self.kernel_size, "stride": self.stride,
-            "height": self.height, "width": self.width,
+            "height": self.height, "width": self.width, "divisor": self.divisor,
         }
 
 
@@ -232,6 +236,34 @@ def _size_vector(
     return values
 
 
+#: A dense forward pass slower than this (seconds) is traced on a meta-device copy instead.
+_META_ABOVE_SECONDS = 0.05
+
+
+def _for_tracing(model: nn.Module, example_input: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+    """The model and input to trace the profile on: everything it measures depends on shapes only.
+
+    A meta-device copy costs no arithmetic and no memory, which pays for large models and inputs;
+    but meta kernels run through Python decompositions (BatchNorm takes milliseconds a call), so a
+    small model whose real forward pass is quick is traced as it is. A model whose forward pass
+    reads its data, which meta tensors cannot, is traced as it is too.
+    """
+    import time
+
+    with torch.no_grad():
+        start = time.perf_counter()
+        model(example_input)
+        if time.perf_counter() - start >= _META_ABOVE_SECONDS:
+            try:
+                shapes, shape_input = pruning.shape_copy(model), example_input.to("meta")
+                shapes(shape_input)
+                return shapes, shape_input
+            except Exception:
+                pass
+    # The profile cuts layers of what it traces (and restores them): never the caller's model.
+    return copy.deepcopy(model).eval(), example_input
+
+
 def profile_model(
     task: Task | nn.Module,
     example_input: torch.Tensor | None = None,
@@ -257,7 +289,9 @@ def profile_model(
     if example_input.shape[0] != 1:
         raise ConfigError(f"example_input must have batch size 1, got shape {tuple(example_input.shape)}.")
     model.eval()
-    raw_groups = pruning.find_groups(model, example_input, ignored_layers)
+    model, example_input = _for_tracing(model, example_input)
+    surgeon = pruning.Surgeon(model, example_input, ignored_layers)
+    raw_groups = surgeon.raw_groups
     dense_macs, dense_params = pruning.count_macs_params(model, example_input)
     calls, param_shapes = pruning.trace_calls(model, example_input)
 
@@ -275,16 +309,17 @@ def profile_model(
     base = np.array(quantities.values)
     slopes = np.zeros((len(base), len(raw_groups)))
     for g, group in enumerate(raw_groups):
-        if group.channels < 2:
-            continue  # a single channel cannot be removed
-        probe = pruning.prune_copy(model, example_input, {group.name: group.channels - 1})
-        probe_calls, probe_params = pruning.trace_calls(probe, example_input)
+        step = group.divisor  # the fewest channels the group can lose: one per block
+        if group.channels <= step:
+            continue  # the group cannot lose a channel and keep one
+        with surgeon.pruned_in_place({group.name: group.channels - step}) as probe:
+            probe_calls, probe_params = pruning.trace_calls(probe, example_input)
         if [c.module for c in probe_calls] != [c.module for c in calls]:
             raise AutopruneError(
                 f"Pruning group {group.name!r} changed which layers run; autoprune needs a model "
                 "whose forward pass runs the same layers for every channel count."
             )
-        slopes[:, g] = base - _size_vector(quantities.keys, probe_calls, probe_params)
+        slopes[:, g] = (base - _size_vector(quantities.keys, probe_calls, probe_params)) / step
 
     owner_group = np.full(len(base), -1)
     for j in range(len(base)):
@@ -325,7 +360,7 @@ def profile_model(
                 macs_share=macs / dense_macs if dense_macs else 0.0,
                 in_channels=int(root_call.sizes.get("attr.in_channels", root_call.sizes.get("attr.in_features", 0))),
                 kernel_size=int(kernel), stride=int(stride[0] if isinstance(stride, tuple) else stride),
-                height=int(height), width=int(width),
+                height=int(height), width=int(width), divisor=raw.divisor,
             )
         )
     ignored = sorted(set(ignored_layers) | {pruning.classifier_name(model, example_input) or ""} - {""})

@@ -11,7 +11,10 @@ from __future__ import annotations
 import abc
 import copy
 import hashlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -37,7 +40,9 @@ __all__ = [
     "classifier_name",
     "channel_scores",
     "prune_copy",
+    "Surgeon",
     "count_macs_params",
+    "shape_copy",
     "CallRecord",
     "trace_calls",
 ]
@@ -54,13 +59,17 @@ class RawGroup:
     """A prunable group as Torch-Pruning's DependencyGraph sees it.
 
     ``name`` is the root layer's module name (the layer whose output channels lead the group);
-    ``members`` are ``"module.name:out"`` / ``"module.name:in"`` for every named layer the group
+    ``divisor`` the number of equal channel blocks it is pruned in; ``members`` are ``"module.name:out"`` / ``"module.name:in"`` for every named layer the group
     prunes, so a residual group lists every conv and BN feeding or reading the shared channels.
     """
 
     name: str
     channels: int
     members: tuple[str, ...]
+    #: channels come in this many equal blocks (the groups of grouped convolutions and
+    #: GroupNorms the group feeds), and are removed evenly from every block: a kept count is a
+    #: multiple of it. 1 for ordinary and depthwise layers.
+    divisor: int = 1
 
 
 def _forward_with_hook(
@@ -104,7 +113,42 @@ def _ignored_modules(model: nn.Module, example_input: torch.Tensor, ignored: Ite
 
 
 def _build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    with warnings.catch_warnings():
+        # Torch-Pruning names every free-standing parameter (ConvNeXt's layer_scale) on every build
+        # and prunes its last non-singleton dimension: the channel dimension, as wanted.
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+
+
+def _divisor(graph: tp.DependencyGraph, group: object) -> int:
+    """In how many equal blocks a group's channels must be removed: the least common multiple of
+    the channel groups of its grouped convolutions and GroupNorms (Torch-Pruning's channel groups;
+    depthwise convolutions prune per channel and do not count)."""
+    blocks = 1
+    for item in group:  # type: ignore[attr-defined]
+        module, handler = item.dep.target.module, item.dep.handler
+        if not isinstance(module, nn.Module):
+            continue
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.in_channels == module.out_channels:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None:
+            continue
+        out_side = graph.is_out_channel_pruning_fn(handler)
+        groups = pruner.get_out_channel_groups(module) if out_side else pruner.get_in_channel_groups(module)
+        if isinstance(groups, int) and groups > 1:
+            blocks = math.lcm(blocks, groups)
+    return blocks
+
+
+def _block_indices(scores: np.ndarray | None, channels: int, blocks: int, n_remove: int) -> list[int]:
+    """The channels to remove: the ``n_remove`` lowest-scored, or for a group in ``blocks`` equal
+    blocks the same lowest-scored positions in every block (``n_remove`` is a multiple of it)."""
+    size = channels // blocks
+    per_block = n_remove // blocks
+    position_scores = scores[:size] if scores is not None else None  # scores repeat per block
+    order = np.argsort(position_scores, kind="stable") if position_scores is not None else np.arange(size)
+    return sorted(int(p) + b * size for b in range(blocks) for p in order[:per_block])
 
 
 def _groups_of(
@@ -129,34 +173,25 @@ def _member_label(item: object, names: Mapping[nn.Module, str], graph: tp.Depend
 def find_groups(
     model: nn.Module, example_input: torch.Tensor, ignored_layers: Iterable[str] = ()
 ) -> list[RawGroup]:
-    """All prunable groups in the order Torch-Pruning traces them.
+    """All prunable groups, in network order (the first layer each group's channels come out of,
+    the order AMC's agent walks).
 
     The classifier (last Conv/Linear executed) and ``ignored_layers`` are left whole; the input
     channels of the first layer are never pruned because no layer produces them.
     """
-    model.eval()
-    graph = _build_graph(model, example_input)
-    ignored = _ignored_modules(model, example_input, ignored_layers)
-    names = {m: n for n, m in model.named_modules()}
-    result = []
-    for name, root, group in _groups_of(graph, model, ignored):
-        members: list[str] = []
-        for item in group:
-            label = _member_label(item, names, graph)
-            if label is not None and label not in members:
-                members.append(label)
-        channels = graph.get_out_channels(root)
-        result.append(RawGroup(name=name, channels=int(channels), members=tuple(members)))
-    # Network order (the first layer a group's channels come out of), which AMC's agent walks.
+    return Surgeon(model, example_input, ignored_layers).raw_groups
+
+
+def _network_order(model: nn.Module, example_input: torch.Tensor, groups: list[RawGroup]) -> list[int]:
     first_call: dict[str, int] = {}
     for i, (name, _) in enumerate(_execution_order(model, example_input)):
         first_call.setdefault(name, i)
 
-    def position(group: RawGroup) -> int:
-        outs = [m.rsplit(":", 1)[0] for m in group.members if m.endswith(":out")]
+    def position(g: int) -> int:
+        outs = [m.rsplit(":", 1)[0] for m in groups[g].members if m.endswith(":out")]
         return min((first_call.get(m, len(first_call)) for m in outs), default=len(first_call))
 
-    return sorted(result, key=position)
+    return sorted(range(len(groups)), key=position)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,7 +323,146 @@ def channel_scores(
             loss_fn(work(x), y).backward()
     graph = _build_graph(work, example_input)
     ignored = _ignored_modules(work, example_input, ignored_layers)
-    return {name: importance.scores(group, name) for name, _, group in _groups_of(graph, work, ignored)}
+    scores = {}
+    for name, _, group in _groups_of(graph, work, ignored):
+        values = importance.scores(group, name)
+        blocks = _divisor(graph, group)
+        if blocks > 1:
+            # Channels of grouped layers go the same way in every block (as Torch-Pruning prunes
+            # them): each position's score is its mean over the blocks, repeated per block.
+            values = np.tile(values.reshape(blocks, -1).mean(axis=0), blocks)
+        scores[name] = values
+    return scores
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """One layer's share of a group: the indices of one of its dimensions that each of the group's
+    root channels takes away with it (a channel after a flatten is several features, a channel
+    through a concatenation sits at an offset)."""
+
+    target: str  # module name, or parameter name for a free-standing nn.Parameter
+    is_parameter: bool
+    handler: Callable[..., object]  # Torch-Pruning's pruning function for that dimension
+    pruning_dim: int
+    by_root: Mapping[int, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class _GroupCuts:
+    channels: int
+    blocks: int
+    cuts: tuple[_Cut, ...]
+
+
+class Surgeon:
+    """Prunes copies of one model by kept-channel counts, from its dependency graph traced once.
+
+    Building Torch-Pruning's dependency graph costs a traced forward pass; a search prunes
+    hundreds of candidates of the same model. At construction every group is resolved once into
+    the indices each coupled layer loses per root channel (Torch-Pruning's own index mapping);
+    :meth:`prune` then copies the model and calls Torch-Pruning's pruning functions on the copy's
+    layers with the union of those indices, without tracing again.
+    """
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, ignored_layers: Iterable[str] = ()) -> None:
+        self.model = model.eval()
+        graph = _build_graph(model, example_input)
+        ignored = _ignored_modules(model, example_input, ignored_layers)
+        names = {m: n for n, m in model.named_modules()}
+        parameter_names = dict(graph._param_to_name)
+        raw: list[RawGroup] = []
+        resolved: list[_GroupCuts] = []
+        for name, root, group in _groups_of(graph, model, ignored):  # each with all its channels
+            members: list[str] = []
+            cuts = []
+            for item in group:
+                label = _member_label(item, names, graph)
+                if label is not None and label not in members:
+                    members.append(label)
+                dep, target = item.dep, item.dep.target.module
+                by_root: dict[int, list[int]] = {}
+                # Torch-Pruning keeps, beside each layer's indices, the root channel each came from.
+                for index, root_index in zip(item.idxs, getattr(item, "root_idxs", item.idxs)):
+                    by_root.setdefault(int(root_index), []).append(int(index))
+                is_parameter = isinstance(target, nn.Parameter)
+                cut_label = parameter_names.get(target) if is_parameter else names.get(target)
+                if cut_label is None:
+                    continue  # a functional op (add, cat, flatten): nothing to cut
+                cuts.append(_Cut(cut_label, is_parameter, dep.handler, int(dep.target.pruning_dim),
+                                 {r: tuple(v) for r, v in by_root.items()}))
+            channels = int(graph.get_out_channels(root))
+            blocks = _divisor(graph, group)
+            raw.append(RawGroup(name=name, channels=channels, members=tuple(members), divisor=blocks))
+            resolved.append(_GroupCuts(channels, blocks, tuple(cuts)))
+        order = _network_order(model, example_input, raw)
+        self.raw_groups = [raw[i] for i in order]
+        self.groups: dict[str, _GroupCuts] = {raw[i].name: resolved[i] for i in order}
+
+    def _removals(self, kept: Mapping[str, int],
+                  scores: Mapping[str, np.ndarray] | None) -> list[tuple[_Cut, list[int]]]:
+        removals: dict[tuple[str, object, int], tuple[_Cut, set[int]]] = {}
+        for name, keep in kept.items():
+            if name not in self.groups:
+                raise ConfigError(f"The model has no prunable group {name!r}; groups: {', '.join(self.groups)}.")
+            group = self.groups[name]
+            n_remove = group.channels - int(keep)
+            if n_remove <= 0:
+                continue
+            if n_remove % group.blocks:
+                raise ConfigError(
+                    f"Group {name!r} has {group.channels} channels in {group.blocks} equal blocks (grouped layers); "
+                    f"it can only lose a multiple of {group.blocks}, not {n_remove}. Plans made by autoprune respect this."
+                )
+            roots = _block_indices(scores[name] if scores is not None else None, group.channels, group.blocks, n_remove)
+            for cut in group.cuts:
+                # Layers fed by several groups (a concatenation) lose the union, in dense coordinates.
+                _, indices = removals.setdefault((cut.target, cut.handler, cut.pruning_dim), (cut, set()))
+                for root in roots:
+                    indices.update(cut.by_root.get(root, ()))
+        return [(cut, sorted(indices)) for cut, indices in removals.values() if indices]
+
+    @staticmethod
+    def _apply(model: nn.Module, removals: list[tuple[_Cut, list[int]]]) -> None:
+        modules = dict(model.named_modules())
+        for cut, indices in removals:
+            cut.handler.__self__.pruning_dim = cut.pruning_dim  # type: ignore[attr-defined]  # as Torch-Pruning's Dependency does
+            if cut.is_parameter:
+                owner_name, _, attr = cut.target.rpartition(".")
+                owner = modules[owner_name]
+                setattr(owner, attr, cut.handler(getattr(owner, attr), indices))
+            else:
+                cut.handler(modules[cut.target], indices)
+
+    def prune(self, kept: Mapping[str, int], scores: Mapping[str, np.ndarray] | None = None) -> nn.Module:
+        """A copy of the model with each group in ``kept`` cut to that many output channels, the
+        lowest-scored ones removed (the first ones without ``scores``)."""
+        pruned = copy.deepcopy(self.model).eval()
+        self._apply(pruned, self._removals(kept, scores))
+        return pruned
+
+    @contextmanager
+    def pruned_in_place(self, kept: Mapping[str, int]) -> Iterator[nn.Module]:
+        """The surgeon's own model cut to ``kept`` for the duration of the block, then restored
+        exactly (every touched layer's attributes, parameters and buffers are put back): how the
+        profile measures one group at a time without copying the model for each."""
+        removals = self._removals(kept, None)
+        modules = dict(self.model.named_modules())
+        touched = {cut.target.rpartition(".")[0] if cut.is_parameter else cut.target for cut, _ in removals}
+        saved = {name: (dict(modules[name].__dict__), dict(modules[name]._parameters), dict(modules[name]._buffers))
+                 for name in touched}
+        try:
+            self._apply(self.model, removals)
+            yield self.model
+        finally:
+            for name, (attrs, parameters, buffers) in saved.items():
+                module = modules[name]
+                module.__dict__.clear()
+                module.__dict__.update(attrs)
+                module._parameters.clear()
+                module._parameters.update(parameters)
+                module._buffers.clear()
+                module._buffers.update(buffers)
 
 
 def prune_copy(
@@ -301,25 +475,24 @@ def prune_copy(
 
     ``kept`` maps group (root module) names to the number of channels to keep; the removed
     channels are the lowest-scored in ``scores`` (the first channels when scores are absent, used
-    only where weights do not matter). ``model`` itself is left untouched.
+    only where weights do not matter). ``model`` itself is left untouched. To prune many copies of
+    one model, make one :class:`Surgeon` and call its ``prune``.
     """
-    pruned = copy.deepcopy(model).eval()
     if not any(True for _ in kept):
-        return pruned
-    graph = _build_graph(pruned, example_input)
-    modules = dict(pruned.named_modules())
-    for name, keep in kept.items():
-        root = modules[name]
-        pruner = graph.get_pruner_of_module(root)
-        channels = pruner.get_out_channels(root)
-        n_remove = channels - int(keep)
-        if n_remove <= 0:
-            continue
-        order = np.argsort(scores[name], kind="stable") if scores is not None else np.arange(channels)
-        idxs = sorted(int(i) for i in order[:n_remove])
-        group = graph.get_pruning_group(root, pruner.prune_out_channels, idxs=idxs)
-        group.prune()
-    return pruned
+        return copy.deepcopy(model).eval()
+    return Surgeon(model, example_input).prune(kept, scores)
+
+
+def shape_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers live on the ``meta`` device: shapes without
+    data, so tracing, dependency graphs and pruning cost no memory and no arithmetic. Parameters
+    are not copied, which makes this cheap even for a model of a billion weights."""
+    memo: dict[int, object] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(meta, requires_grad=tensor.requires_grad) \
+            if isinstance(tensor, nn.Parameter) else meta
+    return copy.deepcopy(model, memo).eval()
 
 
 def count_macs_params(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]:
@@ -391,6 +564,29 @@ def trace_calls(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Cal
             )
         )
 
-    _forward_with_hook(model, example_input, [m for m in model.modules() if type(m) in _KIND_BY_TYPE], hook)
+    with _shape_only_norms(model, example_input):
+        _forward_with_hook(model, example_input, [m for m in model.modules() if type(m) in _KIND_BY_TYPE], hook)
     params = {name: tuple(int(d) for d in p.shape) for name, p in model.named_parameters()}
     return records, params
+
+
+@contextmanager
+def _shape_only_norms(model: nn.Module, example_input: torch.Tensor) -> Iterator[None]:
+    """On meta tensors, run normalization layers as the identity while tracing shapes: their
+    output is shaped as their input, and torch computes meta BatchNorm through a Python
+    decomposition that costs milliseconds a call (most of a large model's trace)."""
+    norms = [m for m in model.modules() if isinstance(m, _NORM_TYPES)] if example_input.is_meta else []
+    for module in norms:
+        module.forward = _identity  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for module in norms:
+            del module.forward
+
+
+def _identity(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    return x
+
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
