@@ -26,6 +26,7 @@ from .errors import (
     StorageError,
     StudyError,
     TaskError,
+    UnsupportedModelError,
 )
 from .evaluate import Evaluator, TrialResult, recalibrate_batchnorm
 from .export import ExportReport, export_study, load_pruned, save_pruned
@@ -65,6 +66,7 @@ __all__ = [
     "StudyError",
     "Task",
     "TaskError",
+    "UnsupportedModelError",
     "TrainRecipe",
     "TrialResult",
     "apply_plan",

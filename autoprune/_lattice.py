@@ -151,9 +151,9 @@ class Grid:
         self.dense = np.array([g.channels for g in profile.groups], dtype=np.float64)
         self.lo = np.array([self.bounds[n][0] for n in self.names])
         self.hi = np.array([self.bounds[n][1] for n in self.names])
-        # Each kept count is a multiple of round_to and of the group's blocks (grouped convolutions
-        # lose channels evenly from every block).
-        steps = [math.lcm(round_to, g.divisor) for g in profile.groups]
+        # Each kept count of a channel group is a multiple of round_to and of its blocks (grouped
+        # convolutions lose channels evenly from every block); a head group steps by one head.
+        steps = [g.step if g.kind == "heads" else math.lcm(round_to, g.step) for g in profile.groups]
         self.lattice = Lattice(self.names, self.dense, self.lo, self.hi, steps)
         self.latency = latency
         self.cost = Cost(profile, budget, latency)

@@ -179,14 +179,18 @@ class Budget:
 def resolve_bounds(
     profile: ModelProfile, bounds: Bounds | None = None, default: tuple[float, float] = DEFAULT_RATIO_RANGE
 ) -> dict[str, tuple[float, float]]:
-    """Ratio range per group: ``bounds`` where given, ``default`` for the rest; checked."""
+    """Ratio range per group: ``bounds`` where given, ``default`` for the rest; checked.
+
+    A transformer's residual stream (``GroupInfo.embedding``) defaults to [0, 0]: its width is
+    left whole unless ``bounds`` names it."""
     bounds = dict(bounds) if bounds is not None else {}
     unknown = sorted(set(bounds) - set(profile.names))
     if unknown:
         raise ConfigError(f"Bounds name unknown groups {', '.join(unknown)}; groups: {', '.join(profile.names)}.")
     resolved = {}
-    for name in profile.names:
-        lo, hi = bounds.get(name, default)
+    for group in profile.groups:
+        name = group.name
+        lo, hi = bounds.get(name, (0.0, 0.0) if group.embedding else default)
         if not (0.0 <= lo <= hi < 1.0):
             raise ConfigError(
                 f"Ratio range of group {name!r} is [{lo}, {hi}]; it must satisfy 0 <= low <= high < 1 "

@@ -23,6 +23,7 @@ __all__ = [
     "PlanMismatchError",
     "StudyError",
     "StorageError",
+    "UnsupportedModelError",
 ]
 
 
@@ -68,6 +69,10 @@ class StudyError(AutopruneError):
 
 class StorageError(AutopruneError):
     """An Optuna storage or MLflow tracking URI cannot be reached or written."""
+
+
+class UnsupportedModelError(AutopruneError):
+    """A model autoprune cannot prune: found when it is profiled, before any search work."""
 
 
 _CREDENTIALS = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s'\"]*):(?P<secret>[^@\s'\"]*)@")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import pruning
-from .errors import AutopruneError, ConfigError
+from .errors import AutopruneError, ConfigError, UnsupportedModelError, short
 
 if TYPE_CHECKING:
     from .task import Task
@@ -42,7 +42,12 @@ class GroupInfo:
         in_channels, kernel_size, stride, height, width: the root layer's shape (AMC's embedding);
             height and width are the root's output feature map (1 for linear layers).
         divisor: the group's channels come in this many equal blocks (grouped convolutions,
-            GroupNorm) and are removed evenly from each: every kept count is a multiple of it.
+            GroupNorm; q, k and v of a head group) and are removed evenly from each.
+        kind: ``channels`` (whole channels go) or ``heads`` (whole attention heads go).
+        unit: channels per prunable unit in a block: 1, or the head dimension of a head group.
+            Every kept count is a multiple of ``divisor * unit``.
+        embedding: the residual stream of a transformer: searched only when a search space names
+            it (its default ratio range is [0, 0]).
     """
 
     name: str
@@ -56,13 +61,22 @@ class GroupInfo:
     height: int
     width: int
     divisor: int = 1
+    kind: str = "channels"
+    unit: int = 1
+    embedding: bool = False
+
+    @property
+    def step(self) -> int:
+        """The fewest channels the group can lose (one unit from every block)."""
+        return self.divisor * self.unit
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "channels": self.channels, "members": list(self.members),
             "macs": self.macs, "macs_share": self.macs_share, "in_channels": self.in_channels,
             "kernel_size": self.kernel_size, "stride": self.stride,
-            "height": self.height, "width": self.width, "divisor": self.divisor,
+            "height": self.height, "width": self.width, "divisor": self.divisor, "kind": self.kind,
+            "unit": self.unit, "embedding": self.embedding,
         }
 
 
@@ -122,6 +136,8 @@ class ModelProfile:
     fingerprint: str
     ignored_layers: tuple[str, ...]
     cost: CostModel = field(repr=False, compare=False)
+    #: (group, why) of groups Torch-Pruning found that cannot be pruned and still run: left whole
+    left_whole: tuple[tuple[str, str], ...] = ()
 
     @property
     def names(self) -> list[str]:
@@ -150,6 +166,7 @@ class ModelProfile:
             "params": self.params, "fingerprint": self.fingerprint,
             "ignored_layers": list(self.ignored_layers),
             "groups": [g.to_dict() for g in self.groups],
+            "left_whole": [{"group": name, "reason": why} for name, why in self.left_whole],
         }
 
 
@@ -236,6 +253,39 @@ def _size_vector(
     return values
 
 
+def _why(group: pruning.RawGroup, modules: Mapping[str, nn.Module], problem: object) -> str:
+    text = short(problem) if isinstance(problem, BaseException) else str(problem)
+    kind = type(modules[group.name]).__name__ if group.name in modules else "layer"
+    return f"{group.name} ({kind}, {group.channels} channels): {text}"
+
+
+def _failing_at_minimum(surgeon: pruning.Surgeon, groups: list[pruning.RawGroup],
+                        modules: Mapping[str, nn.Module], example_input: torch.Tensor) -> dict[str, str]:
+    """Groups whose copy pruned to one unit no longer runs: the other extreme of any search.
+
+    All groups are tried at once (one forward pass when, as usual, that runs), then one by one."""
+    def fails(kept: Mapping[str, int]) -> BaseException | None:
+        try:
+            with surgeon.pruned_in_place(kept) as probe, torch.no_grad():
+                probe(example_input)
+        except Exception as exc:
+            return exc
+        return None
+
+    minimum = {g.name: g.divisor * g.unit for g in groups if g.channels > g.divisor * g.unit}
+    if fails(minimum) is None:
+        return {}
+    failing = {}
+    for g in groups:
+        if g.name in minimum and (exc := fails({g.name: minimum[g.name]})) is not None:
+            failing[g.name] = _why(g, modules, exc)
+    if not failing:
+        raise UnsupportedModelError(
+            "Every group runs when pruned to its minimum alone, but not all at once; autoprune cannot tell "
+            "which to leave whole. Exclude some with groups.exclude (or the task's ignored_layers).")
+    return failing
+
+
 #: A dense forward pass slower than this (seconds) is traced on a meta-device copy instead.
 _META_ABOVE_SECONDS = 0.05
 
@@ -289,8 +339,18 @@ def profile_model(
     if example_input.shape[0] != 1:
         raise ConfigError(f"example_input must have batch size 1, got shape {tuple(example_input.shape)}.")
     model.eval()
+    kind = type(model).__name__
     model, example_input = _for_tracing(model, example_input)
-    surgeon = pruning.Surgeon(model, example_input, ignored_layers)
+    try:
+        surgeon = pruning.Surgeon(model, example_input, ignored_layers)
+    except AutopruneError:
+        raise
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"Torch-Pruning cannot trace the channel dependencies of this {kind} ({type(exc).__name__}: "
+            f"{short(exc)}), so autoprune cannot prune it. Its dependency graph does not follow some reshape or "
+            "channel shuffle of the forward pass; layers cannot be excluded from the trace itself."
+        ) from None
     raw_groups = surgeon.raw_groups
     dense_macs, dense_params = pruning.count_macs_params(model, example_input)
     calls, param_shapes = pruning.trace_calls(model, example_input)
@@ -307,19 +367,34 @@ def profile_model(
         for pname, shape in param_shapes.items()
     ]
     base = np.array(quantities.values)
-    slopes = np.zeros((len(base), len(raw_groups)))
-    for g, group in enumerate(raw_groups):
-        step = group.divisor  # the fewest channels the group can lose: one per block
+    columns: dict[str, np.ndarray] = {}
+    left_whole: dict[str, str] = {}
+    modules = dict(model.named_modules())
+    for group in raw_groups:
+        step = group.divisor * group.unit  # the fewest channels the group can lose: one unit per block
         if group.channels <= step:
-            continue  # the group cannot lose a channel and keep one
-        with surgeon.pruned_in_place({group.name: group.channels - step}) as probe:
-            probe_calls, probe_params = pruning.trace_calls(probe, example_input)
+            columns[group.name] = np.zeros(len(base))  # the group cannot lose a unit and keep one
+            continue
+        # The probe that measures the group's costs is also its test: a group whose pruned copy no
+        # longer runs (a reshape that needs the full width, an attention that derives its head size
+        # from its input) is left whole here, not found by a shape error in the middle of a search.
+        try:
+            with surgeon.pruned_in_place({group.name: group.channels - step}) as probe:
+                probe_calls, probe_params = pruning.trace_calls(probe, example_input)
+        except Exception as exc:
+            left_whole[group.name] = _why(group, modules, exc)
+            continue
         if [c.module for c in probe_calls] != [c.module for c in calls]:
-            raise AutopruneError(
-                f"Pruning group {group.name!r} changed which layers run; autoprune needs a model "
-                "whose forward pass runs the same layers for every channel count."
-            )
-        slopes[:, g] = (base - _size_vector(quantities.keys, probe_calls, probe_params)) / step
+            left_whole[group.name] = _why(group, modules, "pruning it changes which layers run")
+            continue
+        columns[group.name] = (base - _size_vector(quantities.keys, probe_calls, probe_params)) / step
+    left_whole.update(_failing_at_minimum(surgeon, [g for g in raw_groups if g.name in columns], modules,
+                                          example_input))
+    raw_groups = [g for g in raw_groups if g.name not in left_whole]
+    if not raw_groups:
+        reasons = "; ".join(f"{name}: {why}" for name, why in list(left_whole.items())[:4])
+        raise UnsupportedModelError(f"No group of this {kind} can be pruned and still run: {reasons}.")
+    slopes = np.stack([columns[g.name] for g in raw_groups], axis=1)
 
     owner_group = np.full(len(base), -1)
     for j in range(len(base)):
@@ -343,7 +418,6 @@ def profile_model(
     object.__setattr__(cost, "mac_residual", residual)
 
     dense_terms = cost.mac_terms(np.zeros(len(raw_groups)))
-    modules = dict(model.named_modules())
     groups = []
     for g, raw in enumerate(raw_groups):
         root = modules[raw.name]
@@ -360,7 +434,8 @@ def profile_model(
                 macs_share=macs / dense_macs if dense_macs else 0.0,
                 in_channels=int(root_call.sizes.get("attr.in_channels", root_call.sizes.get("attr.in_features", 0))),
                 kernel_size=int(kernel), stride=int(stride[0] if isinstance(stride, tuple) else stride),
-                height=int(height), width=int(width), divisor=raw.divisor,
+                height=int(height), width=int(width), divisor=raw.divisor, kind=raw.kind, unit=raw.unit,
+                embedding=raw.embedding,
             )
         )
     ignored = sorted(set(ignored_layers) | {pruning.classifier_name(model, example_input) or ""} - {""})
@@ -373,4 +448,5 @@ def profile_model(
         fingerprint=fingerprint_of([(g.name, g.channels) for g in groups]),
         ignored_layers=tuple(ignored),
         cost=cost,
+        left_whole=tuple(left_whole.items()),
     )

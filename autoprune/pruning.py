@@ -15,7 +15,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -59,7 +59,7 @@ class RawGroup:
     """A prunable group as Torch-Pruning's DependencyGraph sees it.
 
     ``name`` is the root layer's module name (the layer whose output channels lead the group);
-    ``divisor`` the number of equal channel blocks it is pruned in; ``members`` are ``"module.name:out"`` / ``"module.name:in"`` for every named layer the group
+    ``members`` are ``"module.name:out"`` / ``"module.name:in"`` for every named layer the group
     prunes, so a residual group lists every conv and BN feeding or reading the shared channels.
     """
 
@@ -67,9 +67,17 @@ class RawGroup:
     channels: int
     members: tuple[str, ...]
     #: channels come in this many equal blocks (the groups of grouped convolutions and
-    #: GroupNorms the group feeds), and are removed evenly from every block: a kept count is a
-    #: multiple of it. 1 for ordinary and depthwise layers.
+    #: GroupNorms the group feeds; q, k and v of an attention's fused projection), and are removed
+    #: evenly from every block: a kept count is a multiple of ``divisor * unit``.
     divisor: int = 1
+    #: ``channels`` (whole channels are removed) or ``heads`` (an attention's fused qkv
+    #: projection: whole heads are removed, in q, k and v alike)
+    kind: str = "channels"
+    #: channels per prunable unit within a block: 1, or the head dimension of a ``heads`` group
+    unit: int = 1
+    #: the residual stream of a transformer (it feeds attention): its width is left whole unless
+    #: a search space names the group
+    embedding: bool = False
 
 
 def _forward_with_hook(
@@ -141,14 +149,31 @@ def _divisor(graph: tp.DependencyGraph, group: object) -> int:
     return blocks
 
 
-def _block_indices(scores: np.ndarray | None, channels: int, blocks: int, n_remove: int) -> list[int]:
+def _block_indices(scores: np.ndarray | None, channels: int, blocks: int, n_remove: int, unit: int = 1) -> list[int]:
     """The channels to remove: the ``n_remove`` lowest-scored, or for a group in ``blocks`` equal
-    blocks the same lowest-scored positions in every block (``n_remove`` is a multiple of it)."""
+    blocks the same lowest-scored positions in every block, whole ``unit``s of channels at a time
+    (``n_remove`` is a multiple of ``blocks * unit``)."""
     size = channels // blocks
-    per_block = n_remove // blocks
-    position_scores = scores[:size] if scores is not None else None  # scores repeat per block
-    order = np.argsort(position_scores, kind="stable") if position_scores is not None else np.arange(size)
-    return sorted(int(p) + b * size for b in range(blocks) for p in order[:per_block])
+    units = size // unit
+    per_block = n_remove // (blocks * unit)
+    # Scores repeat per block, and are equal within a unit (see channel_scores).
+    unit_scores = scores[:size:unit] if scores is not None else None
+    order = np.argsort(unit_scores, kind="stable") if unit_scores is not None else np.arange(units)
+    return sorted(b * size + int(u) * unit + j for b in range(blocks) for u in order[:per_block] for j in range(unit))
+
+
+def _attention_heads(model: nn.Module, name: str, root: nn.Module) -> tuple[str, int] | None:
+    """(attention module name, head dimension) when ``root`` is the fused q/k/v projection of an
+    attention whose module says its ``num_heads`` (the timm convention most ViT code follows):
+    pruning it by channels would break the reshape into heads, so it is pruned by whole heads."""
+    parent_name = name.rpartition(".")[0]
+    parent = dict(model.named_modules()).get(parent_name)
+    heads = getattr(parent, "num_heads", None)
+    if not isinstance(root, nn.Linear) or not isinstance(heads, int) or heads < 1:
+        return None
+    if root.out_features % (3 * heads):
+        return None
+    return parent_name, root.out_features // (3 * heads)
 
 
 def _groups_of(
@@ -324,13 +349,16 @@ def channel_scores(
     graph = _build_graph(work, example_input)
     ignored = _ignored_modules(work, example_input, ignored_layers)
     scores = {}
-    for name, _, group in _groups_of(graph, work, ignored):
+    for name, root, group in _groups_of(graph, work, ignored):
         values = importance.scores(group, name)
-        blocks = _divisor(graph, group)
-        if blocks > 1:
+        heads = _attention_heads(work, name, root)
+        blocks, unit = (3, heads[1]) if heads else (_divisor(graph, group), 1)
+        if blocks > 1 or unit > 1:
             # Channels of grouped layers go the same way in every block (as Torch-Pruning prunes
-            # them): each position's score is its mean over the blocks, repeated per block.
-            values = np.tile(values.reshape(blocks, -1).mean(axis=0), blocks)
+            # them), and a head goes whole: each unit's score is its mean over the blocks and its
+            # channels, repeated for each of them.
+            per_unit = values.reshape(blocks, -1, unit).mean(axis=(0, 2))
+            values = np.tile(np.repeat(per_unit, unit), blocks)
         scores[name] = values
     return scores
 
@@ -353,6 +381,7 @@ class _GroupCuts:
     channels: int
     blocks: int
     cuts: tuple[_Cut, ...]
+    unit: int = 1
 
 
 class Surgeon:
@@ -373,6 +402,8 @@ class Surgeon:
         parameter_names = dict(graph._param_to_name)
         raw: list[RawGroup] = []
         resolved: list[_GroupCuts] = []
+        #: head group name -> (attention module name, head dimension)
+        self.heads: dict[str, tuple[str, int]] = {}
         for name, root, group in _groups_of(graph, model, ignored):  # each with all its channels
             members: list[str] = []
             cuts = []
@@ -392,9 +423,22 @@ class Surgeon:
                 cuts.append(_Cut(cut_label, is_parameter, dep.handler, int(dep.target.pruning_dim),
                                  {r: tuple(v) for r, v in by_root.items()}))
             channels = int(graph.get_out_channels(root))
-            blocks = _divisor(graph, group)
-            raw.append(RawGroup(name=name, channels=channels, members=tuple(members), divisor=blocks))
-            resolved.append(_GroupCuts(channels, blocks, tuple(cuts)))
+            heads = _attention_heads(model, name, root)
+            if heads is not None:
+                self.heads[name] = heads
+                raw.append(RawGroup(name=name, channels=channels, members=tuple(members), divisor=3,
+                                    kind="heads", unit=heads[1]))
+                resolved.append(_GroupCuts(channels, 3, tuple(cuts), unit=heads[1]))
+            else:
+                blocks = _divisor(graph, group)
+                raw.append(RawGroup(name=name, channels=channels, members=tuple(members), divisor=blocks))
+                resolved.append(_GroupCuts(channels, blocks, tuple(cuts)))
+        # The residual stream of a transformer feeds its attention: the input of a fused qkv
+        # projection, or an nn.MultiheadAttention (whose heads are sized by that width).
+        attention_inputs = {f"{head}:in" for head in self.heads} | {
+            f"{n}:in" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)} | {
+            f"{n}:out" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+        raw = [replace(g, embedding=bool(attention_inputs & set(g.members))) for g in raw]
         order = _network_order(model, example_input, raw)
         self.raw_groups = [raw[i] for i in order]
         self.groups: dict[str, _GroupCuts] = {raw[i].name: resolved[i] for i in order}
@@ -409,12 +453,15 @@ class Surgeon:
             n_remove = group.channels - int(keep)
             if n_remove <= 0:
                 continue
-            if n_remove % group.blocks:
+            step = group.blocks * group.unit
+            if n_remove % step or n_remove >= group.channels:
                 raise ConfigError(
-                    f"Group {name!r} has {group.channels} channels in {group.blocks} equal blocks (grouped layers); "
-                    f"it can only lose a multiple of {group.blocks}, not {n_remove}. Plans made by autoprune respect this."
+                    f"Group {name!r} has {group.channels} channels in {group.blocks} equal block(s) of units of "
+                    f"{group.unit}; it can only lose a multiple of {step} and must keep at least {step}, not lose "
+                    f"{n_remove}. Plans made by autoprune respect this."
                 )
-            roots = _block_indices(scores[name] if scores is not None else None, group.channels, group.blocks, n_remove)
+            roots = _block_indices(scores[name] if scores is not None else None, group.channels, group.blocks,
+                                   n_remove, group.unit)
             for cut in group.cuts:
                 # Layers fed by several groups (a concatenation) lose the union, in dense coordinates.
                 _, indices = removals.setdefault((cut.target, cut.handler, cut.pruning_dim), (cut, set()))
@@ -422,9 +469,15 @@ class Surgeon:
                     indices.update(cut.by_root.get(root, ()))
         return [(cut, sorted(indices)) for cut, indices in removals.values() if indices]
 
-    @staticmethod
-    def _apply(model: nn.Module, removals: list[tuple[_Cut, list[int]]]) -> None:
+    def _heads_after(self, kept: Mapping[str, int]) -> dict[str, int]:
+        """Attention module name -> its head count once ``kept`` is applied."""
+        return {module: int(kept[name]) // (3 * head_dim) for name, (module, head_dim) in self.heads.items()
+                if name in kept and int(kept[name]) < self.groups[name].channels}
+
+    def _apply(self, model: nn.Module, removals: list[tuple[_Cut, list[int]]], heads: Mapping[str, int]) -> None:
         modules = dict(model.named_modules())
+        for module, count in heads.items():
+            modules[module].num_heads = count  # the reshape into heads reads it; head_dim stays
         for cut, indices in removals:
             cut.handler.__self__.pruning_dim = cut.pruning_dim  # type: ignore[attr-defined]  # as Torch-Pruning's Dependency does
             if cut.is_parameter:
@@ -438,7 +491,7 @@ class Surgeon:
         """A copy of the model with each group in ``kept`` cut to that many output channels, the
         lowest-scored ones removed (the first ones without ``scores``)."""
         pruned = copy.deepcopy(self.model).eval()
-        self._apply(pruned, self._removals(kept, scores))
+        self._apply(pruned, self._removals(kept, scores), self._heads_after(kept))
         return pruned
 
     @contextmanager
@@ -447,12 +500,16 @@ class Surgeon:
         exactly (every touched layer's attributes, parameters and buffers are put back): how the
         profile measures one group at a time without copying the model for each."""
         removals = self._removals(kept, None)
+        heads = self._heads_after(kept)
         modules = dict(self.model.named_modules())
         touched = {cut.target.rpartition(".")[0] if cut.is_parameter else cut.target for cut, _ in removals}
+        touched |= set(heads)
+        # Handlers may also cut a layer's children (an nn.MultiheadAttention prunes its out_proj).
+        touched = {name for name in modules if any(name == t or name.startswith(t + ".") for t in touched)}
         saved = {name: (dict(modules[name].__dict__), dict(modules[name]._parameters), dict(modules[name]._buffers))
                  for name in touched}
         try:
-            self._apply(self.model, removals)
+            self._apply(self.model, removals, heads)
             yield self.model
         finally:
             for name, (attrs, parameters, buffers) in saved.items():

@@ -119,9 +119,12 @@ class GroupSelection(_Strict):
                     f"{source}: key 'groups': the glob {pattern!r} matches no group of task "
                     f"{profile.task!r}; its groups are: {', '.join(names)}."
                 )
+        # A transformer's residual stream is searched only when an include pattern other than
+        # the catch-all "*" names it: its width is left whole unless asked.
+        embedding = {g.name for g in profile.groups if g.embedding}
         selected = [
             n for n in names
-            if any(fnmatch.fnmatchcase(n, p) for p in self.include)
+            if any(fnmatch.fnmatchcase(n, p) and (p != "*" or n not in embedding) for p in self.include)
             and not any(fnmatch.fnmatchcase(n, p) for p in self.exclude)
         ]
         if not selected:

@@ -14,7 +14,6 @@ else is a failure. Each model runs in its own process (a crash or hang stays con
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import sys
 import time
