@@ -30,7 +30,7 @@ from .errors import (
 )
 from .evaluate import Evaluator, TrialResult, recalibrate_batchnorm
 from .export import ExportReport, export_study, load_pruned, save_pruned
-from .plan import Plan, apply_plan
+from .plan import Plan, StaleBatchNormWarning, apply_plan
 from .profile import GroupInfo, ModelProfile, profile_model
 from .pruning import IMPORTANCE_NAMES, channel_scores, count_macs_params
 from .search import SearchResult, search
@@ -63,6 +63,7 @@ __all__ = [
     "PlanError",
     "PlanMismatchError",
     "StorageError",
+    "StaleBatchNormWarning",
     "StudyError",
     "Task",
     "TaskError",

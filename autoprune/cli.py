@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
@@ -77,12 +78,18 @@ def profile(
     table.add_column("group (root layer)")
     table.add_column("channels", justify="right")
     table.add_column("MACs share", justify="right")
+    table.add_column("prunes")
     table.add_column("layers coupled")
     for i, g in enumerate(prof.groups):
         members = ", ".join(m for m in g.members if m.endswith(":out"))
-        table.add_row(str(i), g.name, str(g.channels), f"{g.macs_share:.1%}", members)
+        unit = (f"heads of {g.unit}" if g.kind == "heads" else f"{g.divisor} blocks" if g.divisor > 1 else "channels")
+        if g.embedding:
+            unit += " (embedding: whole unless asked)"
+        table.add_row(str(i), escape(g.name), str(g.channels), f"{g.macs_share:.1%}", unit, escape(members))
     console.print(table)
-    console.print(f"never pruned: {', '.join(prof.ignored_layers) or '-'} (and the input layer's input channels)")
+    console.print(f"never pruned: {escape(', '.join(prof.ignored_layers) or '-')} (and the input layer's input channels)")
+    for group, why in prof.left_whole:
+        console.print(f"left whole: {escape(why)}")
     from .latency import simd_round_to
 
     console.print(f"this CPU computes channels in blocks of {simd_round_to('cpu')}: for real speedups on it, search "
@@ -95,12 +102,19 @@ def apply(
     out: Annotated[Path, typer.Option("--out", help="Where to write the pruned model (.pt).")],
     task: Annotated[Optional[str], typer.Option("--task", help="Task whose dense model to prune (default: the plan's).")] = None,
     importance: Annotated[str, typer.Option("--importance", help="l1, l2, taylor, bn_scale or random.")] = "l1",
+    recalibrate: Annotated[bool, typer.Option(
+        "--recalibrate/--no-recalibrate",
+        help="Re-estimate BatchNorm statistics on 16x64 training images, as the search scored the plan.")] = True,
     workdir: WorkdirOpt = None,
     data_root: DataRootOpt = None,
 ) -> None:
-    """Prune a task's dense model by a plan and save the physically smaller model."""
+    """Prune a task's dense model by a plan and save the physically smaller model.
+
+    The model is not fine-tuned (``autoprune export`` fine-tunes); its BatchNorm statistics are
+    re-estimated on training images unless --no-recalibrate.
+    """
     from .export import save_pruned
-    from .plan import Plan, apply_plan
+    from .plan import Plan, StaleBatchNormWarning, apply_plan
     from .pruning import count_macs_params
     from .task import load_task
 
@@ -115,14 +129,28 @@ def apply(
         raise ConfigError(f"Plan {plan} names no task; pass --task.")
     loaded = load_task(name, data_root=data_root, workdir=workdir)
     batches = [next(iter(loaded.train_loader))] if importance == "taylor" else None
-    pruned = apply_plan(loaded.model, loaded_plan, example_input=loaded.example_input, importance=importance,
-                        ignored_layers=loaded.ignored_layers, batches=batches)
+    calibration = None
+    if recalibrate:
+        import itertools
+
+        import torch
+
+        shuffled = torch.utils.data.DataLoader(loaded.train_loader.dataset, batch_size=64, shuffle=True,
+                                               generator=torch.Generator().manual_seed(0))
+        calibration = list(itertools.islice(shuffled, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StaleBatchNormWarning)  # --no-recalibrate was asked for
+        pruned = apply_plan(loaded.model, loaded_plan, example_input=loaded.example_input, importance=importance,
+                            ignored_layers=loaded.ignored_layers, batches=batches, calibration_batches=calibration)
     dense_macs, dense_params = count_macs_params(loaded.model, loaded.example_input)
     macs, params = count_macs_params(pruned, loaded.example_input)
     save_pruned(pruned, loaded_plan, out)
     console.print(f"pruned {name}: MACs {dense_macs:,} -> {macs:,} ({macs / dense_macs:.3f}), "
                   f"params {dense_params:,} -> {params:,} ({params / dense_params:.3f})")
-    console.print(f"saved to {out} (loads with torch.load(weights_only=True); see autoprune.export.load_pruned)")
+    calibrated = (f"BatchNorm recalibrated on {sum(len(x) for x, _ in calibration)} training images"
+                  if calibration else "BatchNorm statistics left as the dense model's (--no-recalibrate)")
+    console.print(f"{calibrated}; not fine-tuned (autoprune export fine-tunes)")
+    console.print(f"saved to {out} (load it with ap.load_pruned(path, dense_model))")
 
 
 @app.command()

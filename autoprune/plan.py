@@ -12,7 +12,8 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from . import pruning
 from .errors import BudgetError, PlanError, PlanMismatchError
 from .profile import ModelProfile, fingerprint_of
 
-__all__ = ["Plan", "PLAN_SCHEMA", "apply_plan", "check_plan_matches", "write_atomic"]
+__all__ = ["Plan", "PLAN_SCHEMA", "StaleBatchNormWarning", "apply_plan", "check_plan_matches", "write_atomic"]
 
 PLAN_SCHEMA = "autoprune.plan/1"
 _PLAN_KEYS = ("schema", "task", "model_fingerprint", "input_shape", "budget", "ratios", "channels", "metrics",
@@ -369,12 +370,18 @@ def apply_plan(
     scores: Mapping[str, np.ndarray] | None = None,
     ignored_layers: tuple[str, ...] = (),
     batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    calibration_batches: Iterable[Any] | None = None,
 ) -> nn.Module:
     """A new, physically smaller copy of ``model`` with the plan's channel counts.
 
     The removed channels are the least important by ``importance`` (``l1`` by default; ``taylor``
     needs ``batches``). ``model`` is not modified. The plan is refused if it was made for a model
     with other groups. ``example_input`` defaults to zeros of the plan's input shape.
+
+    Removing channels leaves every BatchNorm's running statistics stale (a pruned ResNet can score
+    at chance until they are re-estimated). ``calibration_batches`` (training batches: tensors or
+    ``(inputs, targets)`` pairs, e.g. 16 of 64 images) re-estimates them as the search's score
+    did; without them a model with BatchNorm gets a warning. Fine-tuning is ``autoprune export``'s.
     """
     given_input = example_input is not None
     if example_input is None:
@@ -399,4 +406,20 @@ def apply_plan(
         scores = pruning.channel_scores(
             model, example_input, criterion, ignored_layers=ignored_layers, batches=batches or ()
         )
-    return pruning.prune_copy(model, example_input, plan.kept, scores)
+    pruned = pruning.prune_copy(model, example_input, plan.kept, scores)
+    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pruned.modules())
+    if calibration_batches is not None:
+        from .evaluate import recalibrate_batchnorm
+
+        inputs = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration_batches]
+        recalibrate_batchnorm(pruned, inputs)
+    elif has_batchnorm:
+        warnings.warn(
+            "apply_plan: the pruned model's BatchNorm statistics are those of the dense model and are stale; pass "
+            "calibration_batches= (a few training batches) or call ap.recalibrate_batchnorm before using it.",
+            StaleBatchNormWarning, stacklevel=2)
+    return pruned
+
+
+class StaleBatchNormWarning(UserWarning):
+    """A pruned model's BatchNorm layers still hold the dense model's running statistics."""

@@ -8,6 +8,7 @@ channel counts to the task's dense architecture, then the saved weights are load
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, PlanError, short
-from .plan import Plan, apply_plan
+from .plan import Plan, StaleBatchNormWarning, apply_plan
 
 __all__ = ["PRUNED_FORMAT", "save_pruned", "load_pruned"]
 
@@ -62,7 +63,9 @@ def load_pruned(
                               "and a state dict).")
     plan = Plan.from_json(payload["plan"], source=f"the plan inside {path}")
     # The same checks as apply_plan: the plan must fit the dense architecture field by field.
-    model = apply_plan(dense_model, plan, ignored_layers=ignored_layers, importance="random")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StaleBatchNormWarning)  # the saved statistics replace them below
+        model = apply_plan(dense_model, plan, ignored_layers=ignored_layers, importance="random")
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:

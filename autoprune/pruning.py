@@ -12,6 +12,10 @@ import abc
 import copy
 import hashlib
 import math
+import os
+import signal
+import threading
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -24,7 +28,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.utils.op_counter import MODULES_MAPPING as _COUNTED_TYPES
 
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedModelError
 
 __all__ = [
     "ChannelImportance",
@@ -176,14 +180,61 @@ def _attention_heads(model: nn.Module, name: str, root: nn.Module) -> tuple[str,
     return parent_name, root.out_features // (3 * heads)
 
 
+#: Limits on Torch-Pruning's resolution of a model's groups (seconds, bytes of memory growth).
+#: It normally takes well under a second per group; on some reshapes (Swin's window partition)
+#: its index mappings grow without bound (18 GB in five minutes for Swin-T at 64x64).
+TRACE_LIMITS = (120.0, 6 * 2**30)
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+@contextmanager
+def _trace_limits(what: str) -> Iterator[None]:
+    """Stop ``what`` with :class:`UnsupportedModelError` once it passes :data:`TRACE_LIMITS`.
+
+    Checked once a second from SIGALRM, so only on the main thread of a platform that has it
+    (elsewhere the work runs unguarded)."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seconds, growth = TRACE_LIMITS
+    start, start_bytes = time.monotonic(), _resident_bytes()
+
+    def check(signum: int, frame: object) -> None:
+        elapsed, grown = time.monotonic() - start, _resident_bytes() - start_bytes
+        if elapsed > seconds or grown > growth:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            raise UnsupportedModelError(
+                f"Torch-Pruning's analysis of which channels depend on each other did not finish ({what}: "
+                f"stopped after {elapsed:.0f} s and {grown / 2**30:.1f} GiB; the limits are {seconds:.0f} s and "
+                f"{growth / 2**30:.0f} GiB). It happens when the forward pass reshapes channels into windows or "
+                "spatial positions (Swin transformers); autoprune cannot prune this model."
+            )
+
+    previous = signal.signal(signal.SIGALRM, check)
+    signal.setitimer(signal.ITIMER_REAL, 1.0, 1.0)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _groups_of(
     graph: tp.DependencyGraph, model: nn.Module, ignored: list[nn.Module]
 ) -> list[tuple[str, nn.Module, object]]:
     names = {m: n for n, m in model.named_modules()}
     found = []
-    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=_ROOT_TYPES):
-        root = group[0].dep.target.module
-        found.append((names[root], root, group))
+    with _trace_limits("grouping layers"):
+        for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=_ROOT_TYPES):
+            root = group[0].dep.target.module
+            found.append((names[root], root, group))
     return found
 
 

@@ -407,7 +407,8 @@ _EXAMPLE = "search_spaces/default.yaml"
 
 
 def find_space(name_or_path: str | os.PathLike[str]) -> Path:
-    """A space file by path, or by name in ``./search_spaces`` or autoprune's own ``search_spaces``."""
+    """A space file by path, or by name in ``./search_spaces`` or the ones installed with autoprune
+    (``autoprune/search_spaces``, which the repository's top-level ``search_spaces`` links to)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
@@ -420,7 +421,7 @@ def find_space(name_or_path: str | os.PathLike[str]) -> Path:
         raise ConfigError(f"Search space {str(name_or_path)!r} is not a regular file; a search space is a YAML file.")
     stem = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
     candidates = list(dict.fromkeys(
-        [Path.cwd() / "search_spaces" / stem, Path(__file__).resolve().parent.parent / "search_spaces" / stem]))
+        [Path.cwd() / "search_spaces" / stem, Path(__file__).resolve().parent / "search_spaces" / stem]))
     for candidate in candidates:
         if candidate.is_file():
             return candidate

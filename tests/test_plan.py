@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import pytest
 import torch
@@ -94,3 +95,41 @@ def test_pruned_model_file_loads_without_pickle(resnet, tmp_path):
     loaded, loaded_plan = load_pruned(path, model)
     assert loaded_plan == plan
     torch.testing.assert_close(loaded(x), pruned(x))
+
+
+def test_apply_recalibrates_batchnorm_as_the_search_scored_the_plan(workdir, tmp_path, capsys):
+    from autoprune.cli import run
+
+    task = ap.load_task("digits-cnn", workdir=workdir)
+    profile = ap.profile_model(task)
+    plan = ap.uniform_plan(profile, ap.Budget(flops=0.3))
+    plan_file = tmp_path / "plan.json"
+    plan.save(plan_file)
+    scores = {}
+    for flag in ("--recalibrate", "--no-recalibrate"):
+        out = tmp_path / f"{flag}.pt"
+        assert run(["apply", "--plan", str(plan_file), "--out", str(out), flag, "--workdir", str(workdir)]) == 0
+        printed = " ".join(capsys.readouterr().out.split())
+        assert ("recalibrated on 1024 training images" in printed) == (flag == "--recalibrate")
+        assert "not fine-tuned" in printed
+        pruned, _ = ap.load_pruned(out, task.model)
+        with torch.no_grad():
+            scores[flag] = sum(float((pruned(x).argmax(1) == y).sum()) for x, y in task.val_loader) / len(
+                task.val_loader.dataset)
+    searched = ap.Evaluator(task).evaluate(plan).val_score
+    assert abs(scores["--recalibrate"] - searched) <= 0.02
+    assert scores["--recalibrate"] > scores["--no-recalibrate"] + 0.02
+
+
+def test_apply_plan_warns_of_stale_batchnorm_without_calibration_batches(resnet):
+    model, x, prof, _ = resnet
+    plan = ap.uniform_plan(prof, ap.Budget(flops=0.5))
+    with pytest.warns(ap.StaleBatchNormWarning, match="calibration_batches"):
+        ap.apply_plan(model, plan, example_input=x)
+    batches = [torch.randn(8, *x.shape[1:]) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ap.StaleBatchNormWarning)
+        pruned = ap.apply_plan(model, plan, example_input=x, calibration_batches=batches)
+    bn = next(m for m in pruned.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    dense_bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert not torch.allclose(bn.running_var, dense_bn.running_var[: bn.num_features])
