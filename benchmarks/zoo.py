@@ -147,16 +147,69 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _family(name: str) -> str:
+    head = name.split("_")[0]
+    return "wide_resnet" if head == "wide" else head.rstrip("0123456789") or head
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+_START, _END = "<!-- zoo table: benchmarks/zoo.py --readme -->", "<!-- end of zoo table -->"
+
+
+def readme_table(rows: list[dict[str, Any]]) -> str:
+    """The README's "Supported architectures" table: one row per family of the zoo results."""
+    families: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        families.setdefault(_family(r["model"]), []).append(r)
+    supported = sum(r["status"] == "ok" for r in rows)
+    lines = [
+        _START,
+        f"{supported} of {len(rows)} torchvision classification models supported "
+        f"({supported / len(rows):.0%}); the rest are refused at profile time with the reason.",
+        "",
+        "| family | models | status | groups | profile s | prune ms | worst MACs error |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for family, members in families.items():
+        ok = [r for r in members if r["status"] == "ok"]
+        span = (lambda key, fmt: f"{fmt(min(r[key] for r in ok))}-{fmt(max(r[key] for r in ok))}" if ok else "")
+        reasons = sorted({r.get("reason", "")[:90] for r in members if r["status"] != "ok"})
+        refused = sum(r["status"] == "refused" for r in members)
+        failing = len(members) - len(ok) - refused
+        status = "ok" if len(ok) == len(members) else (
+            ", ".join(part for part in (f"{len(ok)} ok" if ok else "", f"{refused} refused" if refused else "",
+                                        f"{failing} FAILING" if failing else "") if part) + ": " + " / ".join(reasons))
+        lines.append(
+            f"| {family} | {', '.join(r['model'] for r in members)} | {status} | {span('groups', str)} | "
+            f"{span('profile_s', lambda v: f'{v:.1f}')} | {span('prune_ms', lambda v: f'{v:.0f}')} | "
+            + (f"{max(r['macs_error'] for r in ok):.2%}" if ok else "") + " |")
+    lines.append(_END)
+    return "\n".join(lines)
+
+
+def update_readme(rows: list[dict[str, Any]]) -> None:
+    text = README.read_text()
+    start, end = text.index(_START), text.index(_END) + len(_END)
+    README.write_text(text[:start] + readme_table(rows) + text[end:])
+
+
 def main() -> None:
     import torchvision
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--readme", action="store_true",
+                        help="only rewrite README.md's table from benchmarks/results/zoo.json")
     parser.add_argument("--models", nargs="*", help="model names (default: every classification model)")
     parser.add_argument("--input", type=int, default=None, help="input size (default: 64, larger where needed)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per model")
     parser.add_argument("--out", default="zoo", help="results file stem under benchmarks/results/")
     args = parser.parse_args()
+    if args.readme:
+        import json
+
+        update_readme(json.loads((Path(__file__).resolve().parent / "results" / "zoo.json").read_text())["rows"])
+        return
     names = args.models or torchvision.models.list_models(module=torchvision.models)
     rows = []
     for name in names:

@@ -1,55 +1,30 @@
-"""Channel surgery: dependency groups, importance criteria and physical pruning.
+"""Dependency groups and channel surgery: the one place that builds Torch-Pruning's graph.
 
-This is the only module that imports Torch-Pruning. It finds the groups of layers whose channels
-must be removed together (residual adds, concats and depthwise convolutions couple them), ranks the
-channels of each group by an importance criterion, removes the lowest-ranked ones from a *copy* of
-a model, and counts MACs and parameters the way Torch-Pruning does.
+A model's groups (layers whose channels must go together) are resolved once into the indices every
+coupled layer loses per root channel (:class:`Surgeon`); each candidate is then cut from a copy
+with Torch-Pruning's own pruning functions, without tracing the model again.
 """
 
 from __future__ import annotations
 
-import abc
 import copy
-import hashlib
 import math
 import os
 import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import ClassVar
 
 import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch_pruning.utils.op_counter import MODULES_MAPPING as _COUNTED_TYPES
 
-from .errors import ConfigError, UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 
-__all__ = [
-    "ChannelImportance",
-    "L1Importance",
-    "L2Importance",
-    "TaylorImportance",
-    "BNScaleImportance",
-    "RandomImportance",
-    "IMPORTANCE_NAMES",
-    "make_importance",
-    "RawGroup",
-    "find_groups",
-    "classifier_name",
-    "channel_scores",
-    "prune_copy",
-    "Surgeon",
-    "count_macs_params",
-    "shape_copy",
-    "CallRecord",
-    "trace_calls",
-]
 
 _ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -270,150 +245,6 @@ def _network_order(model: nn.Module, example_input: torch.Tensor, groups: list[R
     return sorted(range(len(groups)), key=position)
 
 
-# ----------------------------------------------------------------------------------------------
-# Importance criteria
-
-
-class ChannelImportance(abc.ABC):
-    """Scores every channel of a group; the lowest-scored channels are removed first.
-
-    Scores are normalized by their mean within the group (as Torch-Pruning's global ranking does),
-    so they are comparable across groups.
-    """
-
-    name: ClassVar[str]
-    needs_gradients: ClassVar[bool] = False
-
-    @abc.abstractmethod
-    def _scorer(self) -> Callable[[object], torch.Tensor]:
-        """A Torch-Pruning importance that maps a group to one score per root channel."""
-
-    def scores(self, group: object, group_name: str) -> np.ndarray:
-        return self._scorer()(group).detach().cpu().double().numpy()
-
-
-class L1Importance(ChannelImportance):
-    """Mean L1 norm of the channel's weights over all coupled layers (Li et al., 2017)."""
-
-    name = "l1"
-
-    def _scorer(self) -> Callable[[object], torch.Tensor]:
-        return tp.importance.GroupMagnitudeImportance(p=1, normalizer="mean")
-
-
-class L2Importance(ChannelImportance):
-    """Mean L2 norm of the channel's weights over all coupled layers."""
-
-    name = "l2"
-
-    def _scorer(self) -> Callable[[object], torch.Tensor]:
-        return tp.importance.GroupMagnitudeImportance(p=2, normalizer="mean")
-
-
-class TaylorImportance(ChannelImportance):
-    """First-order Taylor estimate of the loss change when the channel goes (Molchanov et al., 2019).
-
-    Needs gradients of the loss on training batches; :func:`channel_scores` computes them.
-    """
-
-    name = "taylor"
-    needs_gradients = True
-
-    def _scorer(self) -> Callable[[object], torch.Tensor]:
-        return tp.importance.GroupTaylorImportance(normalizer="mean")
-
-
-class BNScaleImportance(ChannelImportance):
-    """Magnitude of the BatchNorm scale that follows the channel (Network Slimming, Liu et al., 2017)."""
-
-    name = "bn_scale"
-
-    def _scorer(self) -> Callable[[object], torch.Tensor]:
-        return tp.importance.BNScaleImportance(normalizer="mean")
-
-
-class RandomImportance(ChannelImportance):
-    """Uniformly random scores, seeded per group: the control for the other criteria."""
-
-    name = "random"
-
-    def __init__(self, seed: int = 0) -> None:
-        self.seed = seed
-
-    def _scorer(self) -> Callable[[object], torch.Tensor]:  # pragma: no cover - scores() overrides
-        raise NotImplementedError
-
-    def scores(self, group: object, group_name: str) -> np.ndarray:
-        digest = hashlib.sha256(f"{self.seed}:{group_name}".encode()).digest()
-        rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-        n = len(group[0][1])  # type: ignore[index]
-        values = rng.random(n)
-        return values / values.mean()
-
-
-_IMPORTANCES: dict[str, type[ChannelImportance]] = {
-    cls.name: cls for cls in (L1Importance, L2Importance, TaylorImportance, BNScaleImportance, RandomImportance)
-}
-IMPORTANCE_NAMES: tuple[str, ...] = tuple(_IMPORTANCES)
-
-
-def make_importance(name_or_instance: str | ChannelImportance, *, seed: int = 0) -> ChannelImportance:
-    """Look up an importance criterion by name (``l1``, ``l2``, ``taylor``, ``bn_scale``, ``random``)."""
-    if isinstance(name_or_instance, ChannelImportance):
-        return name_or_instance
-    try:
-        cls = _IMPORTANCES[name_or_instance]
-    except KeyError:
-        raise ConfigError(
-            f"Unknown importance criterion {name_or_instance!r}; allowed: {', '.join(IMPORTANCE_NAMES)}."
-        ) from None
-    return cls(seed) if cls is RandomImportance else cls()  # type: ignore[call-arg]
-
-
-def channel_scores(
-    model: nn.Module,
-    example_input: torch.Tensor,
-    importance: ChannelImportance,
-    *,
-    ignored_layers: Iterable[str] = (),
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-) -> dict[str, np.ndarray]:
-    """Per-group channel scores of the dense ``model`` (higher = keep), shape (channels,) each.
-
-    Computed once per model and criterion: which channels a plan removes then depends only on how
-    many, so every candidate of a search prunes consistently. ``model`` is not modified; gradient
-    criteria run on a copy over ``batches``.
-    """
-    work = model
-    if importance.needs_gradients:
-        if not batches:
-            raise ConfigError(
-                f"Importance {importance.name!r} needs training batches to compute gradients; pass "
-                "batches=[(inputs, targets), ...] or choose l1, l2, bn_scale or random."
-            )
-        work = copy.deepcopy(model).eval()
-        loss_fn = loss_fn or nn.functional.cross_entropy
-        work.zero_grad(set_to_none=True)
-        for x, y in batches:
-            loss_fn(work(x), y).backward()
-    graph = _build_graph(work, example_input)
-    ignored = _ignored_modules(work, example_input, ignored_layers)
-    scores = {}
-    for name, root, group in _groups_of(graph, work, ignored):
-        values = importance.scores(group, name)
-        heads = _attention_heads(work, name, root)
-        blocks, unit = (3, heads[1]) if heads else (_divisor(graph, group), 1)
-        if blocks > 1 or unit > 1:
-            # Channels of grouped layers go the same way in every block (as Torch-Pruning prunes
-            # them), and a head goes whole: each unit's score is its mean over the blocks and its
-            # channels, repeated for each of them.
-            per_unit = values.reshape(blocks, -1, unit).mean(axis=(0, 2))
-            values = np.tile(np.repeat(per_unit, unit), blocks)
-        scores[name] = values
-    return scores
-
-
 @dataclass(frozen=True)
 class _Cut:
     """One layer's share of a group: the indices of one of its dimensions that each of the group's
@@ -603,98 +434,3 @@ def shape_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo).eval()
 
 
-def count_macs_params(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]:
-    """(MACs, parameters) for one forward pass of ``example_input``, as Torch-Pruning counts them."""
-    macs, params = tp.utils.count_ops_and_params(model, example_input)
-    return int(macs), int(params)
-
-
-# ----------------------------------------------------------------------------------------------
-# Tracing for the analytic cost model
-
-
-@dataclass(frozen=True)
-class CallRecord:
-    """One call of a layer that Torch-Pruning's counter counts, with every size its count uses.
-
-    ``sizes`` names each quantity (``in.1`` = input dim 1, ``out.0``, ``attr.groups``, ...) so that
-    the same call in a pruned copy can be compared size by size.
-    """
-
-    module: str
-    kind: str
-    sizes: Mapping[str, int]
-    has_bias: bool
-    affine: bool
-
-
-_KIND_BY_TYPE: dict[type, str] = {}
-for _t in _COUNTED_TYPES:
-    if issubclass(_t, nn.modules.conv._ConvNd):
-        _KIND_BY_TYPE[_t] = "conv"
-    elif _t is nn.Linear:
-        _KIND_BY_TYPE[_t] = "linear"
-    elif issubclass(_t, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
-        _KIND_BY_TYPE[_t] = "norm"
-    elif _t is nn.LayerNorm:
-        _KIND_BY_TYPE[_t] = "layernorm"
-    elif "Pool" in _t.__name__:
-        _KIND_BY_TYPE[_t] = "pool"
-    elif _t in (nn.ReLU, nn.PReLU, nn.ELU, nn.LeakyReLU, nn.ReLU6, nn.GELU, nn.Upsample):
-        _KIND_BY_TYPE[_t] = "activation"
-    else:
-        _KIND_BY_TYPE[_t] = "other"
-
-
-def trace_calls(model: nn.Module, example_input: torch.Tensor) -> tuple[list[CallRecord], dict[str, tuple[int, ...]]]:
-    """Record every counted layer call of one forward pass, and every parameter's shape."""
-    names = {m: n for n, m in model.named_modules()}
-    records: list[CallRecord] = []
-
-    def hook(module: nn.Module, inputs: tuple, output: object) -> None:
-        kind = _KIND_BY_TYPE[type(module)]
-        sizes: dict[str, int] = {}
-        if inputs and isinstance(inputs[0], torch.Tensor):
-            sizes.update({f"in.{i}": int(d) for i, d in enumerate(inputs[0].shape)})
-        if isinstance(output, torch.Tensor):
-            sizes.update({f"out.{i}": int(d) for i, d in enumerate(output.shape)})
-        for attr in ("in_channels", "out_channels", "groups", "in_features", "out_features"):
-            value = getattr(module, attr, None)
-            if isinstance(value, int):
-                sizes[f"attr.{attr}"] = value
-        if kind == "conv":
-            sizes["attr.kernel"] = int(np.prod(module.kernel_size))  # type: ignore[arg-type]
-        records.append(
-            CallRecord(
-                module=names[module], kind=kind, sizes=sizes,
-                has_bias=getattr(module, "bias", None) is not None,
-                affine=bool(getattr(module, "affine", getattr(module, "elementwise_affine", False))),
-            )
-        )
-
-    with _shape_only_norms(model, example_input):
-        _forward_with_hook(model, example_input, [m for m in model.modules() if type(m) in _KIND_BY_TYPE], hook)
-    params = {name: tuple(int(d) for d in p.shape) for name, p in model.named_parameters()}
-    return records, params
-
-
-@contextmanager
-def _shape_only_norms(model: nn.Module, example_input: torch.Tensor) -> Iterator[None]:
-    """On meta tensors, run normalization layers as the identity while tracing shapes: their
-    output is shaped as their input, and torch computes meta BatchNorm through a Python
-    decomposition that costs milliseconds a call (most of a large model's trace)."""
-    norms = [m for m in model.modules() if isinstance(m, _NORM_TYPES)] if example_input.is_meta else []
-    for module in norms:
-        module.forward = _identity  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        for module in norms:
-            del module.forward
-
-
-def _identity(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-    return x
-
-
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
