@@ -263,7 +263,8 @@ def _failing_at_minimum(surgeon: pruning.Surgeon, groups: list[pruning.RawGroup]
                         modules: Mapping[str, nn.Module], example_input: torch.Tensor) -> dict[str, str]:
     """Groups whose copy pruned to one unit no longer runs: the other extreme of any search.
 
-    All groups are tried at once (one forward pass when, as usual, that runs), then one by one."""
+    All groups are tried at once (one forward pass when, as usual, that runs), then one by one,
+    then, if the rest still fail together, added one by one in network order."""
     def fails(kept: Mapping[str, int]) -> BaseException | None:
         try:
             with surgeon.pruned_in_place(kept) as probe, torch.no_grad():
@@ -279,10 +280,17 @@ def _failing_at_minimum(surgeon: pruning.Surgeon, groups: list[pruning.RawGroup]
     for g in groups:
         if g.name in minimum and (exc := fails({g.name: minimum[g.name]})) is not None:
             failing[g.name] = _why(g, modules, exc)
-    if not failing:
-        raise UnsupportedModelError(
-            "Every group runs when pruned to its minimum alone, but not all at once; autoprune cannot tell "
-            "which to leave whole. Exclude some with groups.exclude (or the task's ignored_layers).")
+    if fails({n: k for n, k in minimum.items() if n not in failing}) is None:
+        return failing
+    # Each runs alone but some combination does not: keep groups in network order while the
+    # minimum of all kept so far still runs, leave whole the ones that break it.
+    together: dict[str, int] = {}
+    for g in groups:
+        if g.name in minimum and g.name not in failing:
+            if (exc := fails({**together, g.name: minimum[g.name]})) is None:
+                together[g.name] = minimum[g.name]
+            else:
+                failing[g.name] = _why(g, modules, f"runs at its minimum alone but not with the groups before it ({short(exc)})")
     return failing
 
 

@@ -156,3 +156,23 @@ def test_user_task_searches_and_exports_end_to_end(task, workdir, tmp_path, monk
     assert plan.kept == report.plan.kept
     with torch.no_grad():
         assert pruned(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_groups_that_break_only_together_at_their_minimum_leave_the_later_one_whole():
+    class NeedsTenChannels(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Conv2d(1, 16, 3, padding=1)
+            self.b = torch.nn.Conv2d(1, 16, 3, padding=1)
+            self.head = torch.nn.Linear(32, 10)
+
+        def forward(self, x):
+            y = torch.cat([self.a(x), self.b(x)], dim=1)
+            if y.shape[1] < 10:
+                raise RuntimeError("needs at least 10 channels")
+            return self.head(y.mean(dim=(2, 3)))
+
+    profile = ap.profile_model(NeedsTenChannels().eval(), X)
+    assert profile.names == ["a"]
+    (name, why), = profile.left_whole
+    assert name == "b" and "not with the groups before it" in why and "needs at least 10 channels" in why
