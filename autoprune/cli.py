@@ -21,6 +21,8 @@ from rich.table import Table
 
 from ._workdir import resolve_workdir
 from .errors import AutopruneError, ConfigError, redact
+from .space import AGENTS, SAMPLERS
+from .strategies import STRATEGY_NAMES
 
 app = typer.Typer(
     add_completion=False,
@@ -182,13 +184,13 @@ def train(
 @app.command()
 def search(
     space: Annotated[str, typer.Option("--space", help="Search space YAML (path or name in search_spaces/).")] = "default",
-    strategy: Annotated[Optional[str], typer.Option("--strategy", help="optuna, rl, random, uniform or global.")] = None,
-    sampler: Annotated[Optional[str], typer.Option("--sampler", help="Optuna sampler: tpe, gp, cmaes, random, qmc, nsga2.")] = None,
-    agent: Annotated[Optional[str], typer.Option("--agent", help="RL agent: ddpg, td3 or sac.")] = None,
-    budget: Annotated[Optional[str], typer.Option("--budget", help="flops=0.5 (MACs fraction) or params=0.4; absolute counts >= 1 allowed.")] = None,
+    strategy: Annotated[Optional[str], typer.Option("--strategy", help=f"{', '.join(STRATEGY_NAMES)}.")] = None,
+    sampler: Annotated[Optional[str], typer.Option("--sampler", help=f"Optuna sampler: {', '.join(SAMPLERS)}.")] = None,
+    agent: Annotated[Optional[str], typer.Option("--agent", help=f"RL agent: {', '.join(AGENTS)}.")] = None,
+    budget: Annotated[Optional[str], typer.Option("--budget", help="flops=0.5 (MACs fraction), params=0.4, latency_ms=3.0 or latency=0.5 (fraction of dense); absolute counts >= 1 allowed.")] = None,
     objective: Annotated[Optional[str], typer.Option("--objective", help="score (default) or pareto (maximize score, minimize MACs).")] = None,
     trials: Annotated[Optional[int], typer.Option("--trials", help="Finished trials the study should have in total.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the plan sequence (0..2**32-1; default: the space's).")] = None,
     study: Annotated[Optional[str], typer.Option("--study", help="Study name; the same name resumes.")] = None,
     storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL (default sqlite under the workdir).")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI (default sqlite:///<workdir>/mlflow.db).")] = None,
