@@ -16,6 +16,24 @@ sys.path.insert(0, str(Path(__file__).parent))  # user-task modules for `package
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _fashion_mnist_missing() -> bool:
+    from autoprune.data import DataNotFoundError, _fashion_dir
+
+    try:
+        _fashion_dir(None)
+    except DataNotFoundError:
+        return True
+    return False
+
+
+#: For tests that read Fashion-MNIST: skipped with the way to get it when it is absent.
+needs_fashion_mnist = pytest.mark.skipif(
+    _fashion_mnist_missing(),
+    reason="Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist (Debian), or put its "
+           "four IDX files under AUTOPRUNE_DATA",
+)
+
+
 @pytest.fixture(scope="session")
 def session_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A workdir shared by the session so the digits model is trained once (about 5 s)."""

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_cli
+from conftest import REPO, needs_fashion_mnist, run_cli
 
 from autoprune.cli import run
 
@@ -131,6 +131,7 @@ def test_checkpoint_that_is_not_a_state_dict(capsys, workdir):
     _refused(capsys, workdir, "search", expect=["not a plain state dict", "weights_only"])
 
 
+@needs_fashion_mnist
 def test_plan_for_another_model_and_corrupt_plans(capsys, workdir, tmp_path, digits_profile):
     import autoprune as ap
 

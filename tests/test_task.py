@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import needs_fashion_mnist
 
 import autoprune as ap
 from autoprune.export import prune_and_finetune
@@ -40,6 +41,7 @@ def test_digits_task_splits_and_accuracy(digits_task, digits_evaluator):
     assert digits_evaluator.dense_score > 0.9
 
 
+@needs_fashion_mnist
 def test_fashion_mnist_splits():
     from autoprune.data import load_fashion_mnist_splits
 
