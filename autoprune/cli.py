@@ -126,7 +126,9 @@ def apply(
     if parent is None or not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {out} cannot be written: {parent} is not a writable directory.")
     loaded_plan = Plan.load(plan)
-    name = task or loaded_plan.task
+    # A searched plan remembers the task as the search loaded it (a user task's module:function).
+    spec = loaded_plan.provenance.get("task_spec")
+    name = task or (spec if isinstance(spec, str) and spec else None) or loaded_plan.task
     if not name:
         raise ConfigError(f"Plan {plan} names no task; pass --task.")
     loaded = load_task(name, data_root=data_root, workdir=workdir)

@@ -81,7 +81,8 @@ class Plan:
         task: the task the plan was made for, if known.
         budget: the budget it was projected onto, e.g. ``{"flops": 0.5}``.
         metrics: measured or analytic numbers (``flops`` = MACs, ``flops_ratio``, ``params``, ``val_score``...).
-        provenance: strategy, study, trial, MLflow run id, seed, versions.
+        provenance: strategy, study, trial, MLflow run id, seed, versions, task_spec (the task as the
+            search loaded it: a built-in name or a user task's module:function).
     """
 
     ratios: Mapping[str, float]

@@ -154,6 +154,13 @@ def test_user_task_searches_and_exports_end_to_end(task, workdir, tmp_path, monk
     dense = __import__("architectures").TinyViT() if "vit" in task else __import__("architectures").TinyResNeXt()
     pruned, plan = ap.load_pruned(out / "model.pt", dense)
     assert plan.kept == report.plan.kept
+    assert plan.provenance["task_spec"] == task
+    from autoprune.cli import run  # apply finds the user task from the plan alone
+
+    assert run(["apply", "--plan", str(out / "plan.json"), "--out", str(tmp_path / "applied.pt"),
+                "--workdir", str(workdir)]) == 0
+    applied, _ = ap.load_pruned(tmp_path / "applied.pt", dense)
+    assert sum(p.numel() for p in applied.parameters()) == sum(p.numel() for p in pruned.parameters())
     with torch.no_grad():
         assert pruned(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
