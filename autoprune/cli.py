@@ -280,7 +280,7 @@ def ui(
     import signal
     import subprocess
 
-    from .tracking import check_tracking_uri, default_tracking_uri
+    from .tracking import check_tracking_uri, default_tracking_uri, list_experiments
 
     home = resolve_workdir(workdir)
     uri = check_tracking_uri(tracking_uri) if tracking_uri else default_tracking_uri(home)
@@ -294,6 +294,8 @@ def ui(
     # The UI only browses runs: no background job runner (a dozen extra processes otherwise).
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     console.print(f"MLflow UI at http://{host}:{port} (backend {redact(uri)}); Ctrl-C stops it", highlight=False)
+    for name, experiment_id in list_experiments(uri)[:10]:
+        console.print(f"  runs of {escape(name)}: http://{host}:{port}/#/experiments/{experiment_id}/runs", highlight=False)
     # In its own process group under a watchdog: stopping the UI stops the server's workers too,
     # and a `ui` killed with SIGKILL still takes the server down with it.
     watchdog = [sys.executable, "-m", "autoprune._watchdog", str(os.getpid()), "--", *server]

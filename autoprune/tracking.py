@@ -75,6 +75,10 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+
+#: The experiment tag MLflow 3's UI reads to choose between its GenAI and model-training views.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
 class Tracker:
     """Logs a search and its trials to an MLflow tracking store.
 
@@ -105,7 +109,10 @@ class Tracker:
             if found is None:
                 location = artifact_root.resolve().as_uri() if artifact_root and not tracking_uri.startswith("http") else None
                 try:
-                    return self.client.create_experiment(experiment, artifact_location=location)
+                    # MLflow 3 opens an untagged experiment in its GenAI view, whose first screen
+                    # says nothing was logged; this tag makes it open as model training (its runs).
+                    return self.client.create_experiment(experiment, artifact_location=location,
+                                                         tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
                 except Exception:
                     # another worker created it a moment ago
                     found = self.client.get_experiment_by_name(experiment)
@@ -357,3 +364,16 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _param_value(value: Any) -> str:
     text = str(value)
     return text if len(text) <= 500 else text[:497] + "..."
+
+
+def list_experiments(tracking_uri: str) -> list[tuple[str, str]]:
+    """(name, id) of every active experiment in a tracking store, newest first; [] when the store
+    cannot be read (the UI that lists them still starts)."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        experiments = MlflowClient(tracking_uri=tracking_uri).search_experiments(order_by=["creation_time DESC"])
+    except Exception:
+        return []
+    return [(e.name, e.experiment_id) for e in experiments if e.name != "Default"]
+

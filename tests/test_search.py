@@ -208,5 +208,9 @@ def test_ui_serves_the_tracking_store_and_stops_cleanly(workdir):
         proc.terminate()
         out, _ = proc.communicate(timeout=60)
     assert f"http://127.0.0.1:{port}" in out
+    client, parents, _ = mlflow_runs(workdir)
+    experiment = client.get_experiment(parents[0].info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on its runs
+    assert f"runs of digits-cnn: http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs" in out
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
