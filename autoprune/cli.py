@@ -270,6 +270,42 @@ def export(
 
 
 @app.command()
+def studies(
+    storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL (default sqlite:///<workdir>/optuna.db).")] = None,
+    workdir: WorkdirOpt = None,
+) -> None:
+    """List the searches of a workdir (or --storage): task, strategy, budget, finished trials, the best
+    validation score before fine-tuning (and its MACs ratio), dates."""
+    from ._catalog import list_studies
+    from ._storage import check_storage_url, default_storage_url
+
+    home = resolve_workdir(workdir)
+    if storage is None and not (home / "optuna.db").is_file():
+        raise ConfigError(f"No searches in {home}: it has no optuna.db. Run `autoprune search` there, or point "
+                          "--workdir (or --storage) at the searches.")
+    url = check_storage_url(storage) if storage else default_storage_url(home)
+    found = list_studies(url)
+    table = Table(title=f"{len(found)} search(es) in {escape(redact(url))}")
+    for column in ("study", "task", "strategy", "budget", "trials", "best val score", "started", "last trial"):
+        # Names fold rather than end in an ellipsis: they are what --study takes.
+        table.add_column(column, justify="right" if column == "trials" else "left",
+                         overflow="fold" if column in ("study", "task") else "ellipsis")
+
+    def when(moment: object) -> str:
+        return moment.strftime("%Y-%m-%d %H:%M") if moment is not None else "-"  # type: ignore[attr-defined]
+
+    for s in found:
+        budget = ", ".join(f"{k}={v:g}" for k, v in (s.budget or {}).items()) or "-"
+        best = f"{s.best_val_score:.4f} at MACs {s.best_macs_ratio:.3f}" if s.best_val_score is not None else "-"
+        trials = f"{s.trials}/{s.planned}" if s.planned else str(s.trials)
+        table.add_row(escape(s.name), escape(s.task or "-"), s.strategy or "-", budget, trials, best,
+                      when(s.started), when(s.last_finished))
+    console.print(table)
+    if found:
+        console.print(f"export one with `autoprune export --study {escape(found[-1].name)} --out exported/`", highlight=False)
+
+
+@app.command()
 def ui(
     tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="Backend store (default sqlite:///<workdir>/mlflow.db).")] = None,
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port of the UI.")] = 5000,

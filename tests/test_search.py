@@ -214,3 +214,22 @@ def test_ui_serves_the_tracking_store_and_stops_cleanly(workdir):
     assert f"runs of digits-cnn: http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs" in out
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+
+
+def test_studies_lists_each_search_with_its_trials_and_best(workdir, capsys):
+    from autoprune._catalog import list_studies
+    from autoprune.cli import run
+
+    assert run(["studies", "--workdir", str(workdir)]) == 2
+    assert "No searches in" in capsys.readouterr().err
+    first = ap.search(SPACE, n_trials=3, workdir=workdir, show_progress=False)
+    ap.search(SPACE, strategy="uniform", workdir=workdir, show_progress=False)
+    found = list_studies(first.storage_url)
+    assert [s.name for s in found] == [first.study_name, "digits-cnn-uniform-flops0.5"]
+    assert (found[0].task, found[0].strategy, found[0].budget, found[0].trials, found[0].planned) == (
+        "digits-cnn", "optuna/tpe", {"flops": 0.5}, 3, 3)
+    assert found[0].best_val_score == first.best_result.val_score and found[0].best_macs_ratio <= 0.5
+    assert found[0].started <= found[0].last_finished
+    assert run(["studies", "--workdir", str(workdir)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 search(es)" in printed and "3/3" in printed
