@@ -7,6 +7,7 @@ from conftest import REPO, mlflow_runs
 
 import autoprune as ap
 from autoprune._onnx import measure_onnx_many
+from autoprune.budget import reachable_range
 from autoprune.export import write_deployables, write_onnx
 from autoprune.latency import (
     LatencySettings,
@@ -81,7 +82,9 @@ def test_latency_budget_needs_a_predictor(resnet):
 def test_projection_meets_a_predicted_latency_budget(resnet):
     model, x, prof = resnet
     predictor = build_predictor(model, x, prof, LatencySettings(repeats=5))
-    limit = 0.6 * predictor.dense_ms
+    # Relative to what the predictor can reach: on a busy machine its fit (and so its floor) moves.
+    lowest, _ = reachable_range(prof, "latency", latency=predictor)
+    limit = max(0.6, lowest + 0.1) * predictor.predict({})
     rng = np.random.default_rng(0)
     for _ in range(5):
         plan = ap.project(prof, {g.name: float(rng.uniform(0, 0.8)) for g in prof.groups},

@@ -28,6 +28,8 @@ UNSUPPORTED = {
     # Its index mappings through the window partition grow without bound (Swin-T, V2) or fail
     # outright (Swin-S, Swin-B: a shape it cannot infer).
     "swin_*": "did not finish|cannot trace the channel dependencies",
+    # The same growth through MaxViT's block and grid partitions.
+    "maxvit_*": "did not finish",
 }
 
 FAMILY_SMALLEST = [
