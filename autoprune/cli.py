@@ -186,6 +186,7 @@ def train(
 @app.command()
 def search(
     space: Annotated[str, typer.Option("--space", help="Search space YAML (path or name in search_spaces/).")] = "default",
+    task: Annotated[Optional[str], typer.Option("--task", help="Task instead of the space's: a built-in name or package.module:function.")] = None,
     strategy: Annotated[Optional[str], typer.Option("--strategy", help=f"{', '.join(STRATEGY_NAMES)}.")] = None,
     sampler: Annotated[Optional[str], typer.Option("--sampler", help=f"Optuna sampler: {', '.join(SAMPLERS)}.")] = None,
     agent: Annotated[Optional[str], typer.Option("--agent", help=f"RL agent: {', '.join(AGENTS)}.")] = None,
@@ -205,7 +206,7 @@ def search(
     from .search import search as run_search
 
     result = run_search(
-        space, strategy=strategy, sampler=sampler, agent=agent, budget=budget, objective=objective,
+        space, task=task, strategy=strategy, sampler=sampler, agent=agent, budget=budget, objective=objective,
         n_trials=trials, seed=seed, study=study, storage=storage, tracking_uri=tracking_uri, workers=workers,
         threads=threads, workdir=workdir, data_root=data_root,
     )

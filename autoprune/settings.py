@@ -99,6 +99,7 @@ def _positive_int(value: Any, flag: str, what: str) -> None:
 def resolve_settings(
     space: str | os.PathLike[str] | SearchSpace = "default",
     *,
+    task: str | None = None,
     strategy: str | None = None,
     sampler: str | None = None,
     agent: str | None = None,
@@ -116,6 +117,9 @@ def resolve_settings(
 ) -> SearchSettings:
     """Load the space file and apply overrides; everything is checked here, before any work."""
     loaded = space if isinstance(space, SearchSpace) else load_space(space)
+    if task is not None:
+        # Another task: the space's own name (which named its task) no longer applies.
+        loaded = loaded.with_overrides(task=task).model_copy(update={"name": None})
     budget_dict = None
     if budget is not None:
         budget_dict = (budget if isinstance(budget, Budget) else Budget.parse(str(budget))).to_dict()

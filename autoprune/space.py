@@ -313,7 +313,7 @@ class SearchSpace(_Strict):
 
 
 _CLI_FLAGS = {
-    "strategy.name": "--strategy", "strategy.sampler": "--sampler", "strategy.rl.agent": "--agent",
+    "task": "--task", "strategy.name": "--strategy", "strategy.sampler": "--sampler", "strategy.rl.agent": "--agent",
     "strategy.trials": "--trials", "strategy.seed": "--seed", "strategy.objective": "--objective", "budget": "--budget",
 }
 

@@ -233,3 +233,17 @@ def test_studies_lists_each_search_with_its_trials_and_best(workdir, capsys):
     assert run(["studies", "--workdir", str(workdir)]) == 0
     printed = capsys.readouterr().out
     assert "2 search(es)" in printed and "3/3" in printed
+
+
+def test_task_flag_searches_another_task_with_the_same_space(workdir, capsys):
+    from autoprune.cli import run
+
+    code = run(["search", "--task", "user_tasks:make_task", "--trials", "3", "--workdir", str(workdir)])
+    assert code == 0, capsys.readouterr().err
+    (study,) = optuna.get_all_study_summaries(f"sqlite:///{workdir / 'optuna.db'}")
+    assert study.study_name.startswith("user_tasks") and "digits" not in study.study_name
+    loaded = optuna.load_study(study_name=study.study_name, storage=f"sqlite:///{workdir / 'optuna.db'}")
+    trials = completed_trials(loaded)
+    assert len(trials) == 3 and {t.user_attrs["plan"]["task"] for t in trials} == {"tiny-user"}
+    assert run(["search", "--task", "nosuch-task", "--workdir", str(workdir)]) == 2
+    assert "nosuch-task" in capsys.readouterr().err
