@@ -25,6 +25,8 @@ __all__ = ["BATCH", "write_onnx", "check_onnx", "measure_onnx_many", "onnx_runti
 #: The dynamic batch dimension of every exported model (torch.export and ONNX): any batch size
 #: at deployment.
 BATCH = torch.export.Dim("batch", min=1, max=65536)
+#: Models with more weight bytes than this are written as model.onnx + model.onnx.data.
+ONNX_SINGLE_FILE_BYTES = 1 << 30
 
 
 def write_onnx(model: nn.Module, batch: torch.Tensor, path: Path) -> None:
@@ -34,8 +36,12 @@ def write_onnx(model: nn.Module, batch: torch.Tensor, path: Path) -> None:
     """
     import onnx  # noqa: F401  (torch.onnx needs it)
 
+    # One self-contained file unless the weights come near protobuf's 2 GiB limit; then they go to
+    # model.onnx.data beside it, which must travel with it.
+    weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     torch.onnx.export(model.eval(), (batch,), str(path), input_names=["input"], output_names=["output"],
-                      dynamo=True, verbose=False, dynamic_shapes=({0: BATCH},))
+                      dynamo=True, verbose=False, dynamic_shapes=({0: BATCH},),
+                      external_data=weight_bytes > ONNX_SINGLE_FILE_BYTES)
 
 
 def check_onnx(path: Path, batch: torch.Tensor, expected: torch.Tensor, *, atol: float) -> dict[str, Any]:

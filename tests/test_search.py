@@ -144,6 +144,7 @@ def test_export_then_apply(workdir, tmp_path):
     assert done.returncode == 0, done.stderr
     written = {p.name for p in out.iterdir()}
     assert {"plan.json", "model.pt", "model.pt2", "model.onnx", "report.json", "report.md"} <= written
+    assert "model.onnx.data" not in written  # a small model's ONNX file is self-contained
     assert report_formats_match(out)
     report = json.loads((out / "report.json").read_text())
     assert report["pruned"]["macs_ratio"] <= 0.5 and report["uniform"]["macs_ratio"] <= 0.5
