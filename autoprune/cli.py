@@ -133,15 +133,9 @@ def apply(
         raise ConfigError(f"Plan {plan} names no task; pass --task.")
     loaded = load_task(name, data_root=data_root, workdir=workdir)
     batches = [next(iter(loaded.train_loader))] if importance == "taylor" else None
-    calibration = None
-    if recalibrate:
-        import itertools
+    from .evaluate import sample_calibration_batches
 
-        import torch
-
-        shuffled = torch.utils.data.DataLoader(loaded.train_loader.dataset, batch_size=64, shuffle=True,
-                                               generator=torch.Generator().manual_seed(0))
-        calibration = list(itertools.islice(shuffled, 16))
+    calibration = sample_calibration_batches(loaded.train_loader.dataset, 16) if recalibrate else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", StaleBatchNormWarning)  # --no-recalibrate was asked for
         pruned = apply_plan(loaded.model, loaded_plan, example_input=loaded.example_input, importance=importance,

@@ -68,6 +68,15 @@ class TrialResult:
 
 
 @torch.no_grad()
+def sample_calibration_batches(dataset: torch.utils.data.Dataset, count: int, *, batch_size: int = 64,
+                        seed: int = 0) -> list[Any]:
+    """``count`` shuffled training batches of ``batch_size``, the same ones for the same ``seed``:
+    what a search recalibrates BatchNorm on, so that apply and export recalibrate alike."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    return list(itertools.islice(loader, count))
+
+
 def recalibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None:
     """Re-estimate every BatchNorm's running statistics on ``batches`` (adaptive BN, EagleEye).
 
@@ -179,13 +188,9 @@ class Evaluator:
         self.profile = profile or profile_model(task)
         self.latency = latency
         self.importance = pruning.make_importance(importance, seed=seed)
-        generator = torch.Generator().manual_seed(seed)
-        loader = torch.utils.data.DataLoader(
-            task.train_loader.dataset, batch_size=calibration_batch_size,
-            shuffle=True, generator=generator,
-        )
         n_train_batches = max(calibration_batches, 4 if self.importance.needs_gradients else 0)
-        self._train_batches: list[tuple[torch.Tensor, torch.Tensor]] = list(itertools.islice(loader, n_train_batches))
+        self._train_batches: list[tuple[torch.Tensor, torch.Tensor]] = sample_calibration_batches(
+            task.train_loader.dataset, n_train_batches, batch_size=calibration_batch_size, seed=seed)
         self._val_batches = self._take_samples(task.val_loader, val_samples)
         self.val_samples = sum(len(y) for _, y in self._val_batches)
         self.scores = pruning.channel_scores(

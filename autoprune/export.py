@@ -73,13 +73,10 @@ def prune_and_finetune(
     ``distill`` the loss distills the dense model's logits (temperature 4, weight 0.9), and
     ``precision`` ``bf16`` trains under bf16 autocast. The returned model is float32, NCHW.
     """
-    from .evaluate import recalibrate_batchnorm
+    from .evaluate import recalibrate_batchnorm, sample_calibration_batches
 
     x = task.example_input
-    generator = torch.Generator().manual_seed(seed)
-    calibration_loader = torch.utils.data.DataLoader(task.train_loader.dataset, batch_size=64, shuffle=True,
-                                                     generator=generator)
-    calibration = [b for _, b in zip(range(calibration_batches), calibration_loader)]
+    calibration = sample_calibration_batches(task.train_loader.dataset, calibration_batches, seed=seed)
     recipe = replace(task.recipe, lr=task.recipe.lr / 10)
     criterion = pruning.make_importance(importance, seed=seed)
     teacher = Distillation(task.model, DISTILL_TEMPERATURE, DISTILL_ALPHA) if distill else None

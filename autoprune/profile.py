@@ -273,7 +273,7 @@ def _failing_at_minimum(surgeon: pruning.Surgeon, groups: list[pruning.RawGroup]
             return exc
         return None
 
-    minimum = {g.name: g.divisor * g.unit for g in groups if g.channels > g.divisor * g.unit}
+    minimum = {g.name: g.step for g in groups if g.channels > g.step}
     if fails(minimum) is None:
         return {}
     failing = {}
@@ -379,7 +379,7 @@ def profile_model(
     left_whole: dict[str, str] = {}
     modules = dict(model.named_modules())
     for group in raw_groups:
-        step = group.divisor * group.unit  # the fewest channels the group can lose: one unit per block
+        step = group.step
         if group.channels <= step:
             columns[group.name] = np.zeros(len(base))  # the group cannot lose a unit and keep one
             continue

@@ -58,6 +58,11 @@ class RawGroup:
     #: a search space names the group
     embedding: bool = False
 
+    @property
+    def step(self) -> int:
+        """The fewest channels the group can lose (one unit from every block)."""
+        return self.divisor * self.unit
+
 
 def _forward_with_hook(
     model: nn.Module, example_input: torch.Tensor, modules: Iterable[nn.Module], hook: Callable[..., None]
