@@ -12,6 +12,7 @@ from typing import Any
 import optuna
 
 from . import plots
+from ._latency_check import LatencyBudgetWarning, LatencyCheck, MeasuredTrial, percent
 from .evaluate import Evaluator, TrialResult
 from .latency import LatencyPredictor, measure_relative
 from .plan import Plan
@@ -35,18 +36,18 @@ __all__ = ["SearchResult", "finish", "result_of", "pick_verified", "LatencyBudge
 _VERIFIED_CANDIDATES = 10
 
 
-class LatencyBudgetWarning(UserWarning):
-    """A latency search's prediction and measurement disagree, or no top plan measures within budget."""
-
-
 @dataclass(frozen=True)
 class SearchResult:
     """The outcome of a search.
 
     ``best_plan``/``best_result`` are the finished trial with the highest validation score (all
-    trials meet the budget); ``pareto`` holds the non-dominated (MACs, score) trials, the whole
-    answer of a Pareto search; ``baselines`` maps ``uniform``/``global`` to their val scores.
-    ``stopped_trials`` counts the trials the study's stopper ended early (multi-fidelity).
+    trials meet the budget; a latency search's is the best that *measured* within it, see
+    ``latency``); ``pareto`` holds the non-dominated (MACs, score) trials, the whole answer of a
+    Pareto search (``objective == "pareto"``); ``baselines`` maps ``uniform``/``global`` to their
+    val scores at the same budget, for every strategy. Val scores are the search's candidate
+    scores, before export's fine-tuning. ``stopped_trials`` counts the trials the study's stopper
+    ended early (multi-fidelity). ``latency`` is the after-search timing of the best trials when
+    the search measures latency: limit, dense and chosen plan's latency, and whether it was met.
     """
 
     study_name: str
@@ -66,19 +67,21 @@ class SearchResult:
     settings: Mapping[str, Any] = field(default_factory=dict)
     measured_latency_ms: Mapping[int, float] = field(default_factory=dict)
     stopped_trials: int = 0
+    latency: LatencyCheck | None = None
+    objective: str = "score"
 
 
 def _baseline_scores(trials: Sequence[StoredTrial], baselines: Mapping[str, Plan],
-                     evaluator: Evaluator) -> dict[str, tuple[float, float]]:
-    """(macs_ratio, val_score) of the uniform and global plans: from the study when it has them."""
-    found: dict[str, tuple[float, float]] = {}
+                     evaluator: Evaluator) -> dict[str, TrialResult]:
+    """What the uniform and global plans scored: from the study when it has them (strategies that
+    start from the baselines), else evaluated now (RL), so every summary can compare with them."""
+    found: dict[str, TrialResult] = {}
     for t in trials:
         if t.baseline in baselines and t.baseline not in found:
-            found[t.baseline] = (t.result.macs_ratio, t.result.val_score)
+            found[t.baseline] = t.result
     for label, plan in baselines.items():
         if label not in found:
-            res = evaluator.evaluate(plan)
-            found[label] = (res.macs_ratio, res.val_score)
+            found[label] = evaluator.evaluate(plan)
     return found
 
 
@@ -92,17 +95,21 @@ def finish(settings: SearchSettings, study: optuna.Study, tracker: Tracker, pare
         tracker.fail_running_trials(parent_run_id, dead)  # trials failed by heartbeat or reaping
         trials = stored_trials(study)
         scores = _baseline_scores(trials, baselines, evaluator) if not failed else {}
-        tracker.log_metrics(parent_run_id, {f"{k}_val_score": v[1] for k, v in scores.items()})
+        tracker.log_metrics(parent_run_id, {f"{k}_val_score": v.val_score for k, v in scores.items()})
+        if scores:
+            update_record(study, baseline_scores={k: v.to_dict() for k, v in scores.items()})
         if not failed and latency is not None:
             _verify_latency(settings, study, tracker, parent_run_id, task=task, profile=profile,
                             evaluator=evaluator, predictor=latency)
+        elif failed:
+            update_record(study, latency_check=None)  # not re-checked: an old check would mislead
         _log_plots(settings, study, tracker, parent_run_id, trials, scores)
     finally:
         tracker.end_search(parent_run_id, status="FAILED" if failed else ("KILLED" if stopped else "FINISHED"))
 
 
 def _log_plots(settings: SearchSettings, study: optuna.Study, tracker: Tracker, parent_run_id: str,
-               trials: Sequence[StoredTrial], scores: Mapping[str, tuple[float, float]]) -> None:
+               trials: Sequence[StoredTrial], scores: Mapping[str, TrialResult]) -> None:
     best = best_trial(study)
     title = f"{settings.space.display_name} ({settings.strategy_label}, budget {settings.space.budget_obj})"
     if best is not None:
@@ -114,17 +121,37 @@ def _log_plots(settings: SearchSettings, study: optuna.Study, tracker: Tracker, 
                                 title=f"best plan: trial {best.number}, val {best.result.val_score:.4f}")
         tracker.log_figure(parent_run_id, fig, "plots/best_plan_ratios.png")
         plots.close(fig)
+    if not trials:
+        return
     budget = settings.space.budget_obj
-    if trials:
-        points = [(t.result.macs_ratio, t.result.val_score) for t in trials]
-        fig = plots.score_vs_macs(points, baselines=scores,
-                                  budget_fraction=budget.value if budget.metric == "flops" and budget.is_fraction
-                                  else None, title=title)
-        tracker.log_figure(parent_run_id, fig, "plots/score_vs_macs.png")
+    fig = plots.score_vs_macs(
+        [(t.result.macs_ratio, t.result.val_score) for t in trials],
+        baselines={k: (v.macs_ratio, v.val_score) for k, v in scores.items()},
+        budget_fraction=budget.value if budget.metric == "flops" and budget.is_fraction else None,
+        chosen=(best.result.macs_ratio, best.result.val_score, best.number) if best is not None else None, title=title)
+    tracker.log_figure(parent_run_id, fig, "plots/score_vs_macs.png")
+    plots.close(fig)
+    record = read_record(study)
+    if record.latency_check is not None:
+        fig = _latency_figure(LatencyCheck.from_dict(record.latency_check), trials, scores, title)
+        tracker.log_figure(parent_run_id, fig, "plots/score_vs_latency.png")
         plots.close(fig)
-        fig = plots.history([t.number for t in trials], [s for _, s in points], title=title)
-        tracker.log_figure(parent_run_id, fig, "plots/history.png")
-        plots.close(fig)
+    fig = plots.history([t.number for t in trials], [t.result.val_score for t in trials], title=title)
+    tracker.log_figure(parent_run_id, fig, "plots/history.png")
+    plots.close(fig)
+
+
+def _latency_figure(check: LatencyCheck, trials: Sequence[StoredTrial], scores: Mapping[str, TrialResult],
+                    title: str) -> plots.Figure:
+    """Score against latency: predicted for every trial, measured for those timed after the search."""
+    handed = check.handed_on
+    return plots.score_vs_latency(
+        [(t.result.latency_ms, t.result.val_score) for t in trials if t.result.latency_ms is not None],
+        measured=[(m.predicted_ms, m.measured_ms, m.val_score) for m in check.measured],
+        baselines={k: (v.latency_ms, v.val_score) for k, v in scores.items() if v.latency_ms is not None},
+        limit_ms=check.limit_ms, tolerance=check.tolerance, dense_ms=check.dense_ms,
+        chosen=(handed.measured_ms, handed.val_score, handed.number) if handed is not None else None,
+        chosen_met=check.met, title=f"{title}\n{check.timing}")
 
 
 def pick_verified(ranked: Sequence[int], measured_ms: Mapping[int, float], limit_ms: float | None,
@@ -143,14 +170,16 @@ def _verify_latency(settings: SearchSettings, study: optuna.Study, tracker: Trac
 
     Trials are ranked by validation score; the first whose measured latency is within the budget
     (plus the stated tolerance) becomes the search's best. Where prediction and measurement
-    disagree by more than the tolerance the search warns.
+    disagree by more than the tolerance the search warns, and where no ranked trial measures
+    within the budget it warns that the budget is missed. The check is recorded in the study
+    (:class:`LatencyCheck`) for the summary, the plots and the export report.
     """
     budget = settings.space.budget_obj
     tolerance = (settings.space.latency or LatencySpec()).tolerance
     limit = budget.limit(profile, predictor) if budget.is_latency else None
     measured = dict(read_record(study).measured_latency_ms)
     ranked = sorted(stored_trials(study), key=lambda t: (-t.result.val_score, t.result.macs))[:_VERIFIED_CANDIDATES]
-    chosen = None
+    chosen, timed = None, []
     for t in ranked:  # measured one at a time: usually the first fits, and each costs a timing run
         if t.number not in measured:
             measured[t.number], = measure_relative([evaluator.build(t.plan)], task.model, task.example_input,
@@ -158,22 +187,26 @@ def _verify_latency(settings: SearchSettings, study: optuna.Study, tracker: Trac
         error = abs(t.result.latency_ms - measured[t.number]) / measured[t.number]
         if error > tolerance:
             warnings.warn(f"latency of trial {t.number}: predicted {t.result.latency_ms:.3f} ms, measured "
-                          f"{measured[t.number]:.3f} ms ({error:.1%} apart, tolerance {tolerance:.0%})",
+                          f"{measured[t.number]:.3f} ms ({percent(error)} apart, tolerance {percent(tolerance)})",
                           LatencyBudgetWarning, stacklevel=2)
+        timed.append(MeasuredTrial(t.number, t.result.val_score, t.result.latency_ms, measured[t.number]))
         chosen = pick_verified([t.number], measured, limit, tolerance)
         if chosen is not None:
             break
     update_record(study, measured_latency_ms=measured)
-    if chosen is None:
-        warnings.warn(f"none of the {len(ranked)} best trials measures within the latency budget {budget} "
-                      f"({limit:.3f} ms + {tolerance:.0%}); the predictor underestimates this device",
-                      LatencyBudgetWarning, stacklevel=2)
-        return
-    update_record(study, latency_verified_trial=chosen)
-    predicted = next(t.result.latency_ms for t in ranked if t.number == chosen)
+    timing = predictor.settings
+    check = LatencyCheck(budget=str(budget) if budget.is_latency else "", limit_ms=limit, tolerance=tolerance,
+                         dense_ms=predictor.dense_ms, measured=tuple(timed), chosen=chosen,
+                         timing=f"batch {timing.batch_size}, {timing.threads} thread(s), {timing.device}")
+    update_record(study, latency_check=check.to_dict(), latency_verified_trial=chosen)
+    if check.miss() is not None:
+        warnings.warn(check.miss(), LatencyBudgetWarning, stacklevel=2)
+    handed = check.handed_on
     tracker.log_metrics(parent_run_id, {
-        "best_latency_ms_measured": measured[chosen], "best_latency_ms_predicted": predicted,
+        "best_latency_ms_measured": handed.measured_ms if handed else None,
+        "best_latency_ms_predicted": handed.predicted_ms if handed else None,
         "dense_latency_ms": predictor.dense_ms, "latency_limit_ms": limit,
+        "latency_budget_met": float(check.met) if limit is not None else None,
         "latency_predictor_median_error": predictor.check.median_abs_error if predictor.check else None,
     })
 
@@ -185,13 +218,18 @@ def result_of(settings: SearchSettings, study: optuna.Study, parent_run_id: str,
     trials = stored_trials(study)
     front = [trials[i] for i in plots.pareto_indices([(t.result.macs_ratio, t.result.val_score) for t in trials])]
     n_stopped = len(stored_trials(study, states=(optuna.trial.TrialState.PRUNED,)))
+    record = read_record(study)
+    baselines = {t.baseline: t.result.val_score for t in trials if t.baseline}
+    # An RL search evaluates the baselines after its trials; the record has them for every strategy.
+    baselines.update({k: TrialResult.from_dict(v).val_score for k, v in record.baseline_scores.items()})
     return SearchResult(
         study_name=settings.study_name, storage_url=settings.storage_url, tracking_uri=settings.tracking_uri,
         experiment=settings.space.display_name, mlflow_run_id=parent_run_id,
         best_plan=best.plan if best else None, best_result=best.result if best else None,
         n_finished=len(trials) + n_stopped, pareto=tuple((t.plan, t.result) for t in front),
-        baselines={t.baseline: t.result.val_score for t in trials if t.baseline},
-        dense_score=dense_score, workdir=settings.workdir, stopped_early=stopped,
+        baselines=baselines, dense_score=dense_score, workdir=settings.workdir, stopped_early=stopped,
         failed_trials=len(failed_trials(study)), settings=settings.to_dict(redacted=True),
-        measured_latency_ms=read_record(study).measured_latency_ms, stopped_trials=n_stopped,
+        measured_latency_ms=record.measured_latency_ms, stopped_trials=n_stopped,
+        latency=LatencyCheck.from_dict(record.latency_check) if record.latency_check else None,
+        objective=settings.space.strategy.objective,
     )

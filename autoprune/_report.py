@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._latency_check import LatencyCheck, budget_verdict, relative_to_limit
 from .latency import LatencySettings
 from .plan import Plan
 
@@ -43,7 +44,11 @@ class ModelRow:
 
 @dataclass(frozen=True)
 class LatencyReport:
-    """Dense and pruned latency, timed round-robin (ms per batch of ``settings``)."""
+    """Dense and pruned latency, timed round-robin (ms per batch of ``settings``).
+
+    For a study with a latency budget, ``limit_ms`` is that budget at this measurement (a
+    fraction of the dense model as timed here) and ``tolerance`` the search's timing tolerance.
+    """
 
     settings: LatencySettings
     dense_ms: float
@@ -54,10 +59,18 @@ class LatencyReport:
     simd_channels: int
     unaligned_groups: tuple[str, ...]
     onnxruntime: Mapping[str, Any] | None = None
+    budget: str | None = None
+    limit_ms: float | None = None
+    tolerance: float = 0.0
 
     @property
     def speedup(self) -> float:
         return self.dense_ms / self.pruned_ms
+
+    @property
+    def budget_met(self) -> bool | None:
+        """Whether the pruned model measured within the latency budget plus tolerance (None: no budget)."""
+        return None if self.limit_ms is None else self.pruned_ms <= self.limit_ms * (1 + self.tolerance)
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -68,6 +81,8 @@ class LatencyReport:
         }
         if self.onnxruntime is not None:
             data["onnxruntime"] = dict(self.onnxruntime)
+        if self.limit_ms is not None:
+            data.update(budget=self.budget, limit_ms=self.limit_ms, tolerance=self.tolerance, budget_met=self.budget_met)
         return data
 
 
@@ -87,6 +102,7 @@ class ExportReport:
         choose, exported: ``--choose`` and which model was written (``searched`` or ``uniform``).
         latency: dense and exported latency.
         formats: the deployable files written and how they compare with PyTorch.
+        latency_budget: how the search's best plans measured after a latency search.
     """
 
     out_dir: Path
@@ -109,6 +125,19 @@ class ExportReport:
     formats: Mapping[str, Any] = field(default_factory=dict)
     distill: Mapping[str, float] | None = None
     precision: str = "fp32"
+    latency_budget: LatencyCheck | None = None
+
+    def latency_misses(self) -> list[str]:
+        """Warnings for a latency budget missed, by the search's check or by this export's timing."""
+        misses = []
+        if self.latency_budget is not None and self.latency_budget.miss() is not None:
+            misses.append(f"the search's {self.latency_budget.miss()}")
+        lat = self.latency
+        if lat is not None and lat.limit_ms is not None and not lat.budget_met:
+            misses.append(f"latency budget {lat.budget} MISSED by the exported model: {lat.pruned_ms:.3f} ms per batch, "
+                          f"{relative_to_limit(lat.pruned_ms, lat.limit_ms)} {lat.limit_ms:.3f} ms (tolerance "
+                          f"{lat.tolerance:.1%}) as measured by this export")
+        return misses
 
     @property
     def exported_row(self) -> ModelRow:
@@ -138,6 +167,8 @@ class ExportReport:
         data["formats"] = dict(self.formats)
         data["distill"] = dict(self.distill) if self.distill is not None else None
         data["precision"] = self.precision
+        if self.latency_budget is not None:
+            data["latency_budget"] = self.latency_budget.to_dict()  # the search's check; "latency" has this export's
         if d.subsets:
             data["test_subsets"] = {name: {"dense": d.subsets[name], "pruned": s.subsets[name],
                                            "uniform": u.subsets[name]} for name in d.subsets}
@@ -155,6 +186,7 @@ def report_markdown(r: ExportReport) -> str:
     lines = [
         f"# autoprune export: {r.task}, study {r.study}",
         "",
+        *[f"**WARNING: {miss}.**\n" for miss in r.latency_misses()],
         f"Budget {r.budget}; best plan from {r.strategy}; both pruned models fine-tuned "
         f"{r.finetune_epochs} epoch(s), schedule {r.schedule}, {distill}, {r.precision}; scores on the {split} "
         "split. MACs as Torch-Pruning counts them.",
@@ -177,6 +209,8 @@ def report_markdown(r: ExportReport) -> str:
     lines.append("")
     if r.latency is not None:
         lines += _latency_markdown(r.latency)
+    if r.latency_budget is not None or (r.latency is not None and r.latency.limit_ms is not None):
+        lines += _latency_budget_markdown(r)
     for name, info in r.formats.items():
         if "file" in info:
             lines.append(f"- {info['file']} ({name}): {_format_check(info)}")
@@ -191,6 +225,20 @@ def _format_check(info: Mapping[str, Any]) -> str:
         return str(info.get("check", "outputs not compared"))
     verdict = "outputs match PyTorch" if info.get("matches") else "OUTPUTS DIFFER from PyTorch beyond the tolerance"
     return f"{verdict} (max abs diff {info['max_abs_diff']:.1e})"
+
+
+def _latency_budget_markdown(r: ExportReport) -> list[str]:
+    """The latency budget as the search checked it and as this export measured it."""
+    lines = ["## Latency budget", ""]
+    if r.latency_budget is not None:
+        lines += [f"- search: {line}" for line in r.latency_budget.lines()]
+    lat = r.latency
+    if lat is not None and lat.limit_ms is not None:
+        lines.append(f"- this export: the exported model measured {lat.pruned_ms:.3f} ms against a limit of "
+                     f"{lat.limit_ms:.3f} ms ({lat.budget}, the dense model measured {lat.dense_ms:.3f} ms here): "
+                     f"{budget_verdict(lat.pruned_ms, lat.limit_ms, lat.tolerance)}")
+    lines.append("")
+    return lines
 
 
 def _latency_markdown(lat: LatencyReport) -> list[str]:

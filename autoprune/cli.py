@@ -6,11 +6,13 @@ status 2, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import warnings
 from dataclasses import replace
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -74,7 +76,7 @@ def profile(
     if as_json:
         typer.echo(json.dumps(prof.to_dict(), indent=2))
         return
-    table = Table(title=f"{name}: {len(prof.groups)} prunable groups, {prof.macs / 1e6:.2f} M MACs, "
+    table = Table(title=f"{prof.task}: {len(prof.groups)} prunable groups, {prof.macs / 1e6:.2f} M MACs, "
                         f"{prof.params / 1e6:.3f} M params (MACs as Torch-Pruning counts them)")
     table.add_column("#", justify="right")
     table.add_column("group (root layer)")
@@ -128,7 +130,7 @@ def apply(
     loaded_plan = Plan.load(plan)
     # A searched plan remembers the task as the search loaded it (a user task's module:function).
     spec = loaded_plan.provenance.get("task_spec")
-    name = task or (spec if isinstance(spec, str) and spec else None) or loaded_plan.task
+    name = task or (spec if isinstance(spec, (str, dict)) and spec else None) or loaded_plan.task
     if not name:
         raise ConfigError(f"Plan {plan} names no task; pass --task.")
     loaded = load_task(name, data_root=data_root, workdir=workdir)
@@ -143,7 +145,7 @@ def apply(
     dense_macs, dense_params = count_macs_params(loaded.model, loaded.example_input)
     macs, params = count_macs_params(pruned, loaded.example_input)
     save_pruned(pruned, loaded_plan, out)
-    console.print(f"pruned {name}: MACs {dense_macs:,} -> {macs:,} ({macs / dense_macs:.3f}), "
+    console.print(f"pruned {loaded.name}: MACs {dense_macs:,} -> {macs:,} ({macs / dense_macs:.3f}), "
                   f"params {dense_params:,} -> {params:,} ({params / dense_params:.3f})")
     calibrated = (f"BatchNorm recalibrated on {sum(len(x) for x, _ in calibration)} training images"
                   if calibration else "BatchNorm statistics left as the dense model's (--no-recalibrate)")
@@ -199,38 +201,38 @@ def search(
     """Search pruning ratios under a budget; every trial is tracked in MLflow."""
     from .search import search as run_search
 
-    result = run_search(
-        space, task=task, strategy=strategy, sampler=sampler, agent=agent, budget=budget, objective=objective,
-        n_trials=trials, seed=seed, study=study, storage=storage, tracking_uri=tracking_uri, workers=workers,
-        threads=threads, workdir=workdir, data_root=data_root,
-    )
+    with _latency_warnings_as_lines():
+        result = run_search(
+            space, task=task, strategy=strategy, sampler=sampler, agent=agent, budget=budget, objective=objective,
+            n_trials=trials, seed=seed, study=study, storage=storage, tracking_uri=tracking_uri, workers=workers,
+            threads=threads, workdir=workdir, data_root=data_root,
+        )
     _print_search_result(result)
     if result.stopped_early:
         raise typer.Exit(130)
 
 
+@contextlib.contextmanager
+def _latency_warnings_as_lines() -> Iterator[None]:
+    """Show latency warnings as one ``warning:`` line each (not Python's file:line form); others as usual."""
+    from ._latency_check import LatencyBudgetWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LatencyBudgetWarning)
+        try:
+            yield
+        finally:
+            for w in caught:
+                if issubclass(w.category, LatencyBudgetWarning):
+                    err_console.print(f"[yellow]warning:[/yellow] {escape(str(w.message))}", highlight=False)
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
 def _print_search_result(result) -> None:  # noqa: ANN001 - SearchResult
-    if result.best_plan is None or result.best_result is None:
-        console.print(f"study {result.study_name}: no finished trial yet")
-        return
-    best, plan = result.best_result, result.best_plan
-    table = Table(title=f"best plan of study {result.study_name} (trial {plan.provenance.get('trial')})")
-    table.add_column("group")
-    table.add_column("channels", justify="right")
-    table.add_column("removed", justify="right")
-    for name, (dense, kept) in plan.channels.items():
-        table.add_row(name, f"{dense} -> {kept}", f"{plan.ratios[name]:.1%}")
-    console.print(table)
-    console.print(f"val score {best.val_score:.4f} (dense {result.dense_score:.4f}"
-                  + "".join(f", {k} {v:.4f}" for k, v in result.baselines.items())
-                  + f"); MACs {best.macs:,.0f} = {best.macs_ratio:.3f} of dense; params {best.params_ratio:.3f} of dense")
-    console.print(f"{result.n_finished} finished trials in study [bold]{result.study_name}[/bold] ({redact(result.storage_url)})")
-    console.print(f"MLflow: experiment {result.experiment!r}, run {result.mlflow_run_id} at {redact(result.tracking_uri)}; "
-                  "browse with `autoprune ui`")
-    console.print(f"export: autoprune export --study {result.study_name} --out exported/")
-    if result.stopped_early:
-        console.print(f"[yellow]stopped after the current trial ({result.n_finished} finished); resume by running "
-                      f"the same command again (it continues study {result.study_name})[/yellow]")
+    from ._summary import print_search_result
+
+    print_search_result(console, result)
 
 
 @app.command()
@@ -257,9 +259,10 @@ def export(
     from .export import export_study
 
     _set_threads(threads)
-    report = export_study(study, out, storage=storage, finetune_epochs=finetune_epochs, schedule=schedule,
-                          budget=budget, workdir=workdir, data_root=data_root, tracking_uri=tracking_uri,
-                          choose=choose, distill=distill, precision=precision)
+    with _latency_warnings_as_lines():
+        report = export_study(study, out, storage=storage, finetune_epochs=finetune_epochs, schedule=schedule,
+                              budget=budget, workdir=workdir, data_root=data_root, tracking_uri=tracking_uri,
+                              choose=choose, distill=distill, precision=precision)
     console.print((report.out_dir / "report.md").read_text())
     console.print(f"wrote {report.out_dir}: {', '.join(sorted(p.name for p in report.out_dir.iterdir()))}")
 
@@ -313,7 +316,11 @@ def ui(
 
     from .tracking import check_tracking_uri, default_tracking_uri, list_experiments
 
-    home = resolve_workdir(workdir)
+    home = resolve_workdir(workdir, create=False)
+    if tracking_uri is None and not (home / "mlflow.db").is_file():
+        # An empty UI (and a new empty workdir) would hide that the searches live elsewhere.
+        raise ConfigError(f"No searches tracked in {home}: it has no mlflow.db. Run `autoprune ui` where you ran "
+                          "`autoprune search`, or point --workdir (or AUTOPRUNE_HOME, or --tracking-uri) at its runs.")
     uri = check_tracking_uri(tracking_uri) if tracking_uri else default_tracking_uri(home)
     _check_port_free(host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):

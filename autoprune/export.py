@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,17 +22,18 @@ import torch
 from torch import nn
 
 from . import pruning
+from ._latency_check import LatencyBudgetWarning, LatencyCheck
 from ._onnx import BATCH, check_onnx, onnx_runtime_latency, write_onnx
 from ._report import ExportReport, LatencyReport, ModelRow, report_markdown, uniform_wins_on_val
 from ._workdir import pid_alive, resolve_workdir
 from .budget import Budget, uniform_plan
 from .errors import ConfigError, StudyError, short
 from .latency import build_predictor, measure_many, simd_round_to
-from .plan import Plan
+from .plan import Plan, check_plan_matches
 from .precision import resolve_precision
 from .profile import ModelProfile, profile_model
 from .pruned import PRUNED_FORMAT, load_pruned, save_pruned
-from .settings import SearchSettings, latency_settings
+from .settings import SearchSettings, latency_settings, searched_in_memory
 from .study import StoredTrial, best_trial, default_storage_url, load_study, read_record
 from .task import Task, load_task, score_test_splits
 from .train import Distillation, FinetuneSchedule, score_model, train_model
@@ -143,6 +145,7 @@ class _Inputs:
     chosen: StoredTrial
     budget: Budget  # the budget the uniform plan is made for
     tracking_uri: str | None
+    latency_check: LatencyCheck | None  # how the search's best plans measured after the search
 
 
 def export_study(
@@ -160,6 +163,7 @@ def export_study(
     distill: bool = False,
     precision: str = "fp32",
     show_progress: bool = True,
+    task: Task | None = None,
 ) -> ExportReport:
     """Export a search's best feasible plan, its fine-tuned pruned model and a report.
 
@@ -172,7 +176,9 @@ def export_study(
     ``choose`` says which of the two fine-tuned models is written: ``search`` (the search's best
     plan) or ``val`` (whichever scores higher on the validation split after fine-tuning; the
     search's plan on a tie). ``distill`` fine-tunes both from the dense model's logits;
-    ``precision`` (``auto | fp32 | bf16``) is that of the fine-tuning.
+    ``precision`` (``auto | fp32 | bf16``) is that of the fine-tuning. ``task`` is the
+    :class:`~autoprune.Task` to prune instead of the one the study recorded; a study searched on a
+    task object (``ap.search(task=task)``) needs that object again.
     """
     plan_schedule = FinetuneSchedule.parse(schedule)
     if choose not in EXPORT_CHOICES:
@@ -182,7 +188,7 @@ def export_study(
     out_dir = Path(out).resolve()
     _check_out_dir(out_dir)
     inputs = _load_inputs(study_name, storage=storage, budget=budget, workdir=workdir, data_root=data_root,
-                          tracking_uri=tracking_uri)
+                          tracking_uri=tracking_uri, task=task)
     chosen_precision = resolve_precision(precision, model=inputs.task.model, example_input=inputs.task.example_input)
     searched_model, uniform_plan_, uniform_model = _finetune_pair(
         inputs, epochs=finetune_epochs, schedule=plan_schedule, distill=distill, precision=chosen_precision,
@@ -192,11 +198,14 @@ def export_study(
                                    distill=distill, precision=chosen_precision)
     report = _write_bundle(out_dir, report, model, plan, inputs.task)
     _log_export(inputs, report, workdir)
+    for miss in report.latency_misses():
+        warnings.warn(miss, LatencyBudgetWarning, stacklevel=2)
     return report
 
 
 def _load_inputs(study_name: str, *, storage: str | None, budget: str | None, workdir: str | os.PathLike[str] | None,
-                 data_root: str | os.PathLike[str] | None, tracking_uri: str | None) -> _Inputs:
+                 data_root: str | os.PathLike[str] | None, tracking_uri: str | None,
+                 task: Task | None = None) -> _Inputs:
     """The study, its settings, the task and the trial to export; refuses what cannot be exported."""
     from .tracking import check_tracking_uri
 
@@ -216,7 +225,15 @@ def _load_inputs(study_name: str, *, storage: str | None, budget: str | None, wo
     limit = Budget.parse(budget) if budget else None
     if limit is not None and limit.metric != "flops":
         raise ConfigError("export --budget picks among trials by MACs; give it as flops=FRACTION.")
-    task = load_task(space.task, data_root=data_root or settings.data_root, workdir=workdir or settings.workdir)
+    if task is None:
+        if searched_in_memory(record.settings):
+            raise ConfigError(
+                f"Study {study_name!r} searched the ap.Task object {space.task!r} built in Python, which was not "
+                "stored; export it from Python with the same object: ap.export_study("
+                f"{study_name!r}, out, task=task)."
+            )
+        task = load_task(space.task_spec, data_root=data_root or settings.data_root,
+                         workdir=workdir or settings.workdir)
     profile = profile_model(task)
     max_ratio = limit.fraction(profile) if limit else None
     chosen = best_trial(study, max_macs_ratio=max_ratio)
@@ -225,8 +242,11 @@ def _load_inputs(study_name: str, *, storage: str | None, budget: str | None, wo
             f"Study {study_name!r} has no finished trial" + (f" within {limit}" if limit else "")
             + "; run `autoprune search` first (or raise --budget)."
         )
+    check_plan_matches(chosen.plan, [(g.name, g.channels) for g in profile.groups], what=f"task {task.name!r}",
+                       input_shape=tuple(task.example_input.shape))  # a task object given may not be the searched one
     trial_budget = Budget(flops=chosen.result.macs_ratio) if max_ratio else space.budget_obj
-    return _Inputs(study, settings, task, profile, chosen, trial_budget, tracking_uri or record.tracking_uri)
+    check = LatencyCheck.from_dict(record.latency_check) if record.latency_check else None
+    return _Inputs(study, settings, task, profile, chosen, trial_budget, tracking_uri or record.tracking_uri, check)
 
 
 def _finetune_pair(inputs: _Inputs, *, epochs: float, schedule: FinetuneSchedule, distill: bool, precision: str,
@@ -271,22 +291,28 @@ def _measure(inputs: _Inputs, out_dir: Path, searched_model: nn.Module, uniform:
     if choose == "val" and uniform_wins_on_val(searched.val_score, uniform_row.val_score):
         plan, model, exported = uniform.with_provenance(study=study_name), uniform_model, "uniform"
     row = searched if exported == "searched" else uniform_row
-    settings = latency_settings(inputs.settings.space)
+    space = inputs.settings.space
+    settings = latency_settings(space)
     dense_latency, pruned_latency = measure_many([task.model, model], task.example_input, settings)
     block = simd_round_to(settings.device)
+    budget = space.budget_obj
+    # A fraction of dense is judged against the dense model timed now, beside the pruned one.
+    limit = (budget.value * dense_latency.median_ms if budget.is_fraction else budget.value) if budget.is_latency else None
     latency = LatencyReport(
         settings=settings, dense_ms=dense_latency.median_ms, dense_spread_ms=dense_latency.spread_ms,
         pruned_ms=pruned_latency.median_ms, pruned_spread_ms=pruned_latency.spread_ms,
         macs_reduction=dense.macs / row.macs, simd_channels=block,
         unaligned_groups=tuple(sorted(name for name, kept in plan.kept.items() if kept % block)),
+        budget=str(budget) if limit is not None else None, limit_ms=limit,
+        tolerance=(space.latency or LatencySpec()).tolerance,
     )
     plan = plan.with_metrics(**{f"{split}_score_finetuned": row.score, "val_score_finetuned": row.val_score})
     report = ExportReport(
-        out_dir=out_dir, plan=plan, trial=inputs.chosen.number, study=study_name, task=inputs.settings.space.task,
+        out_dir=out_dir, plan=plan, trial=inputs.chosen.number, study=study_name, task=inputs.settings.space.task_label,
         strategy=inputs.chosen.plan.provenance.get("strategy"), budget=inputs.chosen.plan.budget,
         finetune_epochs=finetune_epochs, schedule=str(schedule), split=split, dense=dense, searched=searched,
         uniform=uniform_row, val_score_before_finetune=inputs.chosen.result.val_score, choose=choose,
-        exported=exported, latency=latency, precision=precision,
+        exported=exported, latency=latency, precision=precision, latency_budget=inputs.latency_check,
         distill={"temperature": DISTILL_TEMPERATURE, "alpha": DISTILL_ALPHA} if distill else None,
     )
     return report, plan, model

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axis import Axis  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
 
-__all__ = ["score_vs_macs", "plan_ratios", "history", "pareto_indices", "close"]
+__all__ = ["score_vs_macs", "score_vs_latency", "plan_ratios", "history", "pareto_indices", "close", "Figure"]
+
+#: A point to mark: (x, score, trial number).
+Marked = tuple[float, float, int]
 
 
 def pareto_indices(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -30,8 +35,60 @@ def score_vs_macs(
     baselines: Mapping[str, tuple[float, float]],
     budget_fraction: float | None,
     title: str,
+    chosen: Marked | None = None,
 ) -> Figure:
-    """Validation score against MACs ratio of every trial, the Pareto front, and the baselines."""
+    """Validation score against MACs ratio of every trial, the Pareto front, the baselines, and the
+    ``chosen`` trial (x, score, number)."""
+    fig, ax = _score_vs_cost(points, baselines)
+    xs = [p[0] for p in points] + [x for x, _ in baselines.values()]
+    if budget_fraction is not None:
+        ax.axvline(budget_fraction, color="gray", ls="--", lw=1, label="budget")
+        xs.append(budget_fraction)
+    _mark_chosen(ax, chosen, "chosen")
+    # Every trial of a budgeted search sits just under the budget: a 0.1-wide window keeps the
+    # ticks to a few short labels instead of offsets and five-decimal ones on top of each other.
+    _readable(ax.xaxis, ax.set_xlim, xs, min_span=0.1)
+    _readable(ax.yaxis, ax.set_ylim, [p[1] for p in points] + [y for _, y in baselines.values()], min_span=0.02)
+    return _labelled(fig, ax, "MACs of pruned / dense model", "validation score (before fine-tuning)", title)
+
+
+def score_vs_latency(
+    points: Sequence[tuple[float, float]],
+    *,
+    measured: Sequence[tuple[float, float, float]],
+    baselines: Mapping[str, tuple[float, float]],
+    limit_ms: float | None,
+    tolerance: float,
+    dense_ms: float,
+    chosen: Marked | None,
+    chosen_met: bool,
+    title: str,
+) -> Figure:
+    """Validation score against latency (ms): every trial at its predicted latency, the trials timed
+    after the search at their measured latency (an arrow from the prediction), the budget with its
+    timing tolerance, and the ``chosen`` trial at its measured latency."""
+    fig, ax = _score_vs_cost(points, baselines)
+    for predicted, real, score in measured:
+        ax.annotate("", xy=(real, score), xytext=(predicted, score),
+                    arrowprops={"arrowstyle": "->", "color": "gray", "lw": 0.8})
+    if measured:
+        ax.scatter([m[1] for m in measured], [m[2] for m in measured], s=30, facecolor="none", edgecolor="black",
+                   zorder=4, label="measured after the search")
+    xs = [p[0] for p in points] + [m[1] for m in measured] + [x for x, _ in baselines.values()]
+    if limit_ms is not None:
+        ax.axvline(limit_ms, color="gray", ls="--", lw=1, label=f"budget {limit_ms:.3f} ms")
+        ax.axvspan(limit_ms, limit_ms * (1 + tolerance), color="gray", alpha=0.15,
+                   label=f"timing tolerance {tolerance:.1%}")
+        xs += [limit_ms, limit_ms * (1 + tolerance)]
+    _mark_chosen(ax, chosen, "chosen" if chosen_met else "handed on, OVER BUDGET")
+    _readable(ax.xaxis, ax.set_xlim, xs, min_span=0.1 * max(xs, default=dense_ms))
+    _readable(ax.yaxis, ax.set_ylim, [p[1] for p in points] + [m[2] for m in measured], min_span=0.02)
+    return _labelled(fig, ax, f"latency, ms per batch (dense model: {dense_ms:.3f} ms)",
+                     "validation score (before fine-tuning)", title)
+
+
+def _score_vs_cost(points: Sequence[tuple[float, float]],
+                   baselines: Mapping[str, tuple[float, float]]) -> tuple[Figure, plt.Axes]:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     if points:
         ax.scatter([p[0] for p in points], [p[1] for p in points], s=14, alpha=0.6, label="trials")
@@ -40,9 +97,33 @@ def score_vs_macs(
     markers = {"uniform": "s", "global": "D"}
     for name, (x, y) in baselines.items():
         ax.scatter([x], [y], marker=markers.get(name, "*"), s=80, edgecolor="black", zorder=5, label=f"{name} baseline")
-    if budget_fraction is not None:
-        ax.axvline(budget_fraction, color="gray", ls="--", lw=1, label="budget")
-    return _labelled(fig, ax, "MACs of pruned / dense model", "validation score", title)
+    return fig, ax
+
+
+def _mark_chosen(ax: plt.Axes, chosen: Marked | None, label: str) -> None:
+    if chosen is not None:
+        x, y, number = chosen
+        ax.scatter([x], [y], marker="*", s=260, color="gold", edgecolor="black", zorder=6,
+                   label=f"{label} (trial {number})", gid="chosen")
+
+
+def _readable(axis: Axis, set_limits: Callable[[float, float], object], values: Sequence[float | None], *,
+              min_span: float) -> None:
+    """Limits at least ``min_span`` wide around ``values`` and at most seven plain tick labels
+    (no offset, no scientific notation), however close together the values are."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return
+    low, high = min(known), max(known)
+    if high - low < min_span:
+        middle = (low + high) / 2
+        low, high = middle - min_span / 2, middle + min_span / 2
+    pad = 0.05 * (high - low)
+    set_limits(low - pad, high + pad)
+    axis.set_major_locator(MaxNLocator(nbins=6))
+    formatter = ScalarFormatter(useOffset=False)
+    formatter.set_scientific(False)
+    axis.set_major_formatter(formatter)
 
 
 def _labelled(fig: Figure, ax: plt.Axes, xlabel: str, ylabel: str, title: str) -> Figure:

@@ -82,6 +82,8 @@ ATTR_RETRY_OF = "retry_of"
 ATTR_SKIPPED = "skipped"  # a trial given back unevaluated (a surplus or repeated trial)
 ATTR_MEASURED_LATENCY = "measured_latency_ms"  # study attr: trial number -> measured ms
 ATTR_LATENCY_VERIFIED = "latency_verified_trial"  # study attr: best trial that measures within a latency budget
+ATTR_LATENCY_CHECK = "latency_check"  # study attr: the after-search timing of the best trials (LatencyCheck)
+ATTR_BASELINE_SCORES = "baseline_scores"  # study attr: label -> TrialResult of the uniform/global plans
 ATTR_SETTINGS = "settings"
 ATTR_FINGERPRINT = "space_fingerprint"
 
@@ -429,6 +431,9 @@ class SearchRecord:
         mlflow_run_id: the search's MLflow parent run.
         measured_latency_ms: trial number -> latency measured after the search, in ms.
         latency_verified_trial: the best trial whose measured latency meets a latency budget.
+        latency_check: the after-search timing of the best trials, as ``LatencyCheck.to_dict``.
+        baseline_scores: ``uniform``/``global`` -> their ``TrialResult.to_dict`` at the search's
+            budget, whether the strategy evaluated them as trials or the search did afterwards (RL).
     """
 
     settings: Mapping[str, Any] | None = None
@@ -438,12 +443,15 @@ class SearchRecord:
     mlflow_run_id: str | None = None
     measured_latency_ms: Mapping[int, float] = field(default_factory=dict)
     latency_verified_trial: int | None = None
+    latency_check: Mapping[str, Any] | None = None
+    baseline_scores: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 _RECORD_ATTRS = {
     "settings": ATTR_SETTINGS, "space_fingerprint": ATTR_FINGERPRINT, "tracking_uri": "tracking_uri",
     "experiment": "experiment", "mlflow_run_id": ATTR_MLFLOW_RUN, "measured_latency_ms": ATTR_MEASURED_LATENCY,
-    "latency_verified_trial": ATTR_LATENCY_VERIFIED,
+    "latency_verified_trial": ATTR_LATENCY_VERIFIED, "latency_check": ATTR_LATENCY_CHECK,
+    "baseline_scores": ATTR_BASELINE_SCORES,
 }
 
 
@@ -451,6 +459,7 @@ def read_record(study: optuna.Study) -> SearchRecord:
     attrs = study.user_attrs
     values = {name: attrs.get(key) for name, key in _RECORD_ATTRS.items()}
     values["measured_latency_ms"] = {int(k): float(v) for k, v in (values["measured_latency_ms"] or {}).items()}
+    values["baseline_scores"] = values["baseline_scores"] or {}
     return SearchRecord(**values)
 
 
