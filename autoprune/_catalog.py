@@ -56,10 +56,15 @@ def list_studies(storage_url: str) -> list[StudySummary]:
         elif label == "rl":
             label = f"rl/{(strategy.get('rl') or {}).get('agent', 'ddpg')}"
         summaries.append(StudySummary(
-            name=summary.study_name, task=space.get("task"), strategy=label, budget=space.get("budget"),
+            name=summary.study_name, task=_task_name(space.get("task")), strategy=label, budget=space.get("budget"),
             trials=len(finished), planned=strategy.get("trials"),
             best_val_score=best.result.val_score if best else None,
             best_macs_ratio=best.result.macs_ratio if best else None,
             started=summary.datetime_start, last_finished=max(done) if done else None,
         ))
     return sorted(summaries, key=lambda s: (s.started is None, s.started or datetime.datetime.min))
+
+
+def _task_name(task: Any) -> str | None:
+    """A task name or import path as stored, or the name of a task declared in the space file."""
+    return task.get("name") if isinstance(task, dict) else task

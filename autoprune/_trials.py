@@ -232,7 +232,7 @@ class TrialRunner(SearchContext):
             chosen = self.project(ratios, budget)
         return chosen.with_provenance(
             strategy=baseline or self.settings.strategy_label, study=self.settings.study_name, trial=trial.number,
-            mlflow_run_id=run_id, seed=self.seed, versions=_versions(), task_spec=self.settings.space.task,
+            mlflow_run_id=run_id, seed=self.seed, versions=_versions(), task_spec=self.settings.task_spec,
             **({"raw_ratios": dict(raw)} if raw is not None else {}),
         )
 

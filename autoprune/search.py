@@ -63,10 +63,15 @@ def search(
 ) -> SearchResult:
     """Run (or resume) a budget-constrained search; see :func:`resolve_settings` for overrides.
 
+    ``task`` replaces the space's task: a name, ``"package.module:function"``, or an
+    :class:`~autoprune.Task` built in Python (a notebook), searched in this process; a study of a
+    task object is exported with the same object, ``ap.export_study(name, out, task=task)``.
+
     Example::
 
         result = ap.search("search_spaces/default.yaml", strategy="optuna", n_trials=50)
         result.best_plan.save("best.json")
+        result = ap.search("default", task=my_task, n_trials=20)   # my_task: an ap.Task
     """
     settings = resolve_settings(space, **overrides)
     previous_threads = torch.get_num_threads()
@@ -149,7 +154,12 @@ def _check_remote_stores(settings: SearchSettings) -> None:
 def _prepare(settings: SearchSettings) -> _Prepared:
     """Load the task, profile it and check the budget: everything that can refuse bad input."""
     space = settings.space
-    task = load_task(space.task, data_root=settings.data_root, workdir=settings.workdir, seed=space.strategy.seed)
+    if settings.task_object is not None:
+        task = settings.task_object
+        task.model.eval()  # as load_task leaves a user task's model
+    else:
+        task = load_task(space.task_spec, data_root=settings.data_root, workdir=settings.workdir,
+                         seed=space.strategy.seed)
     profile = profile_model(task)
     bounds = space.groups.bounds(profile, source=f"search space {space.display_name!r}")
     budget = space.budget_obj
@@ -196,7 +206,9 @@ def _open_study(settings: SearchSettings) -> tuple[optuna.Study, bool]:
     directions = ["maximize", "minimize"] if strategy.objective == "pareto" else ["maximize"]
     return create_or_resume_study(
         storage, settings.study_name, directions=directions, sampler=sampler, pruner=stopper,
-        space_fingerprint=space.fingerprint() + f"/{strategy.name}", settings=settings.to_dict(redacted=True),
+        # A task object and a loadable task of the same name are different searches.
+        space_fingerprint=space.fingerprint() + f"/{strategy.name}" + ("/in-memory" if settings.task_object else ""),
+        settings=settings.to_dict(redacted=True),
     )
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._workdir import resolve_workdir
 from .budget import Budget
@@ -23,7 +23,10 @@ from .strategies import make_sampler, strategy_class
 from .study import check_storage_url, check_study_name, default_storage_url, study_name_from
 from .tracking import check_tracking_uri, default_tracking_uri
 
-__all__ = ["SearchSettings", "resolve_settings", "latency_settings", "strategy_label"]
+if TYPE_CHECKING:
+    from .task import Task
+
+__all__ = ["SearchSettings", "resolve_settings", "latency_settings", "strategy_label", "searched_in_memory"]
 
 
 def strategy_label(space: SearchSpace) -> str:
@@ -45,6 +48,9 @@ class SearchSettings:
         data_root: where datasets that do not ship offline live, if given.
         workers: processes evaluating trials on this machine.
         threads_per_worker: torch threads of each of them.
+        task_object: the task itself when the search was given an ``ap.Task`` built in Python (a
+            notebook) rather than a name; ``space.task`` is then its name. It cannot be stored or
+            sent to worker processes, so the stored settings only say that there was one.
     """
 
     space: SearchSpace
@@ -55,6 +61,7 @@ class SearchSettings:
     data_root: str | None
     workers: int
     threads_per_worker: int
+    task_object: Task | None = field(default=None, compare=False, repr=False)
 
     @property
     def strategy_label(self) -> str:
@@ -73,17 +80,30 @@ class SearchSettings:
             "space": self.space.model_dump(mode="json"), "study_name": self.study_name,
             "storage_url": hide(self.storage_url), "tracking_uri": hide(self.tracking_uri), "workdir": str(self.workdir),
             "data_root": self.data_root, "workers": self.workers, "threads_per_worker": self.threads_per_worker,
+            "in_memory_task": self.task_object is not None,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SearchSettings:
-        return cls(**{**data, "space": SearchSpace.model_validate(data["space"]), "workdir": Path(data["workdir"])})
+        """Settings stored by :meth:`to_dict`; an in-memory task is not among them (see
+        :func:`searched_in_memory`)."""
+        rest = {k: v for k, v in data.items() if k != "in_memory_task"}
+        return cls(**{**rest, "space": SearchSpace.model_validate(data["space"]), "workdir": Path(data["workdir"])})
+
+    @property
+    def task_spec(self) -> str | dict[str, Any]:
+        """The task as plans record it (``provenance.task_spec``) so that ``apply`` can load it again:
+        a name or ``package.module:function``, a YAML declaration, or ``{"in_memory": name}`` for a
+        task object, which only Python code holding that object can apply."""
+        if self.task_object is not None:
+            return {"in_memory": self.task_object.name}
+        return self.space.task_spec
 
     def tracking_params(self, profile: ModelProfile) -> dict[str, Any]:
         """The search's settings as its MLflow parent run records them (no passwords)."""
         space = self.space
         return {
-            "task": space.task, "budget": space.budget, "strategy": self.strategy_label,
+            "task": space.task_label, "budget": space.budget, "strategy": self.strategy_label,
             "objective": space.strategy.objective, "trials": space.strategy.trials, "seed": space.strategy.seed,
             "workers": self.workers, "study": self.study_name, "storage": redact(self.storage_url),
             "groups": space.groups.model_dump(mode="json"), "evaluation": space.evaluation.model_dump(mode="json"),
@@ -96,10 +116,15 @@ def _positive_int(value: Any, flag: str, what: str) -> None:
         raise ConfigError(f"{flag} must be a positive integer ({what}), got {value!r}.")
 
 
+def searched_in_memory(stored: Mapping[str, Any]) -> bool:
+    """Whether stored settings (:meth:`SearchSettings.to_dict`) come from a search of a task object."""
+    return bool(stored.get("in_memory_task"))
+
+
 def resolve_settings(
     space: str | os.PathLike[str] | SearchSpace = "default",
     *,
-    task: str | None = None,
+    task: str | Task | None = None,
     strategy: str | None = None,
     sampler: str | None = None,
     agent: str | None = None,
@@ -115,8 +140,28 @@ def resolve_settings(
     data_root: str | os.PathLike[str] | None = None,
     threads: int | None = None,
 ) -> SearchSettings:
-    """Load the space file and apply overrides; everything is checked here, before any work."""
+    """Load the space file and apply overrides; everything is checked here, before any work.
+
+    ``task`` replaces the space's task: a built-in name, ``"package.module:function"``, or an
+    :class:`~autoprune.Task` object (searched in this process only: ``workers`` must be 1).
+    """
+    from .task import Task
+
+    _positive_int(workers, "--workers", "worker processes")
     loaded = space if isinstance(space, SearchSpace) else load_space(space)
+    task_object = None
+    if isinstance(task, Task):
+        task_object, task = task, task.name
+        if workers != 1:
+            raise ConfigError(
+                f"workers={workers} needs a task that worker processes can load themselves; the ap.Task object "
+                f"{task_object.name!r} lives in this process only. Search it with workers=1, or give the task as "
+                "'package.module:function' (a function returning it) or declare it in the space file's task: "
+                "mapping, which every worker loads."
+            )
+    elif task is not None and not isinstance(task, str):
+        raise ConfigError(f"task must be a task name, 'package.module:function' or an ap.Task, got "
+                          f"{type(task).__name__}.")
     if task is not None:
         # Another task: the space's own name (which named its task) no longer applies.
         loaded = loaded.with_overrides(task=task).model_copy(update={"name": None})
@@ -127,7 +172,6 @@ def resolve_settings(
         "strategy.name": strategy, "strategy.sampler": sampler, "strategy.rl.agent": agent,
         "strategy.trials": n_trials, "strategy.seed": seed, "strategy.objective": objective, "budget": budget_dict,
     })
-    _positive_int(workers, "--workers", "worker processes")
     if threads is not None:
         _positive_int(threads, "--threads", "torch threads per worker")
     for value, check in ((study, check_study_name), (storage, check_storage_url), (tracking_uri, check_tracking_uri)):
@@ -151,7 +195,7 @@ def resolve_settings(
         space=loaded, study_name=name, storage_url=storage or default_storage_url(home),
         tracking_uri=tracking_uri or default_tracking_uri(home), workdir=home,
         data_root=str(data_root) if data_root is not None else None, workers=workers,
-        threads_per_worker=per_worker,
+        threads_per_worker=per_worker, task_object=task_object,
     )
 
 

@@ -10,18 +10,26 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import math
-import numbers
 import os
-import re
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Union
 
-import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from ._declared import DeclaredTask
+from ._schema import Float, Int, OptionalInt, Strict, show
+from ._yamlfile import read_yaml
 from .budget import Budget
 from .errors import BudgetError, ConfigError
 from .profile import ModelProfile
@@ -36,6 +44,7 @@ __all__ = [
     "LatencySpec",
     "load_space",
     "find_space",
+    "validate_task",
     "STRATEGIES",
     "SAMPLERS",
     "AGENTS",
@@ -49,56 +58,13 @@ REWARDS = ("error", "flops")
 SEED_MAX = 2**32 - 1  # numpy, torch and stable-baselines3 all take 32-bit unsigned seeds
 
 
-def _show(value: Any) -> str:
-    """A value as a message shows it: YAML spellings for booleans and null, short reprs otherwise."""
-    if isinstance(value, bool):
-        return f"the boolean {str(value).lower()}"
-    if value is None:
-        return "null (an empty value)"
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, (list, tuple)):
-        return f"a list of {len(value)} item{'' if len(value) == 1 else 's'}"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _number_check(integer: bool, optional: bool = False) -> BeforeValidator:
-    """Refuse what pydantic would coerce into a number: booleans, strings (``"3"``), non-finite floats."""
-    kind = "an integer" if integer else "a number"
-
-    def check(value: Any) -> Any:
-        if value is None and optional:
-            return value
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ValueError(f"must be {kind}{' or null' if optional else ''}, got {_show(value)}")
-        if not math.isfinite(float(value)):
-            raise ValueError(f"must be a finite number, got {value}")
-        if integer and not isinstance(value, numbers.Integral):
-            if not float(value).is_integer():
-                raise ValueError(f"must be a whole number, got {value}")
-            return int(value)
-        return int(value) if integer else float(value)
-
-    return BeforeValidator(check)
-
-
-_Int = Annotated[int, _number_check(integer=True)]
-_Float = Annotated[float, _number_check(integer=False)]
-_OptionalInt = Annotated[Optional[int], _number_check(integer=True, optional=True)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class GroupSelection(_Strict):
+class GroupSelection(Strict):
     """Which groups are searched (globs over group names) and their ratio range."""
 
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
-    ratio: tuple[_Float, _Float] = (0.0, 0.8)
-    round_to: _Int = Field(default=1, ge=1)
+    ratio: tuple[Float, Float] = (0.0, 0.8)
+    round_to: Int = Field(default=1, ge=1)
 
     @field_validator("ratio")
     @classmethod
@@ -146,7 +112,7 @@ STOPPERS = ("none", "median", "successive_halving", "hyperband")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-class FidelitySettings(_Strict):
+class FidelitySettings(Strict):
     """Multi-fidelity candidate evaluation (see :class:`autoprune.evaluate.Fidelity`).
 
     ``rungs`` are cumulative SGD steps (batches of 64 training images) after which a trial
@@ -157,13 +123,13 @@ class FidelitySettings(_Strict):
     rung; ``distill`` learns from the dense model's logits at ``temperature``, weighted ``alpha``.
     """
 
-    rungs: list[_Int] = Field(default_factory=lambda: [0, 200, 800], min_length=1)
+    rungs: list[Int] = Field(default_factory=lambda: [0, 200, 800], min_length=1)
     pruner: Literal["none", "median", "successive_halving", "hyperband"] = "successive_halving"
-    reduction_factor: _Int = Field(default=3, ge=2)
-    lr: _Float = Field(default=0.01, gt=0)
+    reduction_factor: Int = Field(default=3, ge=2)
+    lr: Float = Field(default=0.01, gt=0)
     distill: bool = True
-    temperature: _Float = Field(default=4.0, gt=0)
-    alpha: _Float = Field(default=0.9, ge=0, le=1)
+    temperature: Float = Field(default=4.0, gt=0)
+    alpha: Float = Field(default=0.9, ge=0, le=1)
 
     @field_validator("rungs")
     @classmethod
@@ -179,16 +145,16 @@ class FidelitySettings(_Strict):
         return self
 
 
-class EvaluationSettings(_Strict):
+class EvaluationSettings(Strict):
     """How a candidate is scored (see :class:`autoprune.Evaluator`).
 
     ``precision``: ``fp32``, ``bf16`` (autocast, where the device has bf16 instructions) or
     ``auto`` (bf16 only where timed faster for this model on this device).
     """
 
-    calibration_batches: _Int = Field(default=16, ge=0)
-    val_samples: _OptionalInt = Field(default=2000, ge=1)
-    finetune_steps: _Int = Field(default=0, ge=0)
+    calibration_batches: Int = Field(default=16, ge=0)
+    val_samples: OptionalInt = Field(default=2000, ge=1)
+    finetune_steps: Int = Field(default=0, ge=0)
     importance: str = "l1"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     fidelity: FidelitySettings | None = None
@@ -208,7 +174,7 @@ class EvaluationSettings(_Strict):
         return v
 
 
-class RLSettings(_Strict):
+class RLSettings(Strict):
     """AMC agent settings: DDPG by default, as in He et al. (2018).
 
     ``noise_sigma`` is the exploration noise's standard deviation in action units (actions span
@@ -217,33 +183,33 @@ class RLSettings(_Strict):
     """
 
     agent: Literal["ddpg", "td3", "sac"] = "ddpg"
-    warmup_episodes: _Int = Field(default=10, ge=0)
-    noise_sigma: _Float = Field(default=1.0, gt=0)
-    noise_decay: _Float = Field(default=0.97, gt=0, le=1)
-    buffer_episodes: _Int = Field(default=200, ge=1)
-    learning_rate_actor: _Float = Field(default=1e-4, gt=0)
-    learning_rate_critic: _Float = Field(default=1e-3, gt=0)
-    tau: _Float = Field(default=0.01, gt=0, le=1)
-    batch_size: _Int = Field(default=64, ge=1)
-    gradient_steps_per_episode: _Int = Field(default=20, ge=1)
+    warmup_episodes: Int = Field(default=10, ge=0)
+    noise_sigma: Float = Field(default=1.0, gt=0)
+    noise_decay: Float = Field(default=0.97, gt=0, le=1)
+    buffer_episodes: Int = Field(default=200, ge=1)
+    learning_rate_actor: Float = Field(default=1e-4, gt=0)
+    learning_rate_critic: Float = Field(default=1e-3, gt=0)
+    tau: Float = Field(default=0.01, gt=0, le=1)
+    batch_size: Int = Field(default=64, ge=1)
+    gradient_steps_per_episode: Int = Field(default=20, ge=1)
     reward: Literal["error", "flops"] = "error"
 
 
-class LatencySpec(_Strict):
+class LatencySpec(Strict):
     """How latency is measured on the target device (see :class:`autoprune.latency.LatencySettings`)."""
 
-    batch_size: _Int = Field(default=1, ge=1)
-    threads: _Int = Field(default=1, ge=1)
-    repeats: _Int = Field(default=30, ge=1)
+    batch_size: Int = Field(default=1, ge=1)
+    threads: Int = Field(default=1, ge=1)
+    repeats: Int = Field(default=30, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"
-    tolerance: _Float = Field(default=0.05, ge=0, lt=1)
+    tolerance: Float = Field(default=0.05, ge=0, lt=1)
 
 
-class StrategySettings(_Strict):
+class StrategySettings(Strict):
     name: Literal["optuna", "rl", "random", "uniform", "global"] = "optuna"
     sampler: Literal["tpe", "gp", "cmaes", "random", "qmc", "nsga2"] = "tpe"
-    trials: _Int = Field(default=40, ge=1)
-    seed: _Int = 0
+    trials: Int = Field(default=40, ge=1)
+    seed: Int = 0
     objective: Literal["score", "pareto"] = "score"
     rl: RLSettings = Field(default_factory=RLSettings)
 
@@ -255,10 +221,29 @@ class StrategySettings(_Strict):
         return v
 
 
-class SearchSpace(_Strict):
+def _task_form(value: Any) -> Any:
+    if not isinstance(value, (str, Mapping, DeclaredTask)):
+        raise ValueError(
+            f"must be a built-in task name (digits-cnn), 'package.module:function', or a mapping that declares the "
+            f"task (keys {', '.join(DeclaredTask.model_fields)}), got {show(value)}"
+        )
+    return value
+
+
+# A name or import path, or a declared task; the tag tells pydantic which, so a bad mapping's
+# errors name its keys instead of also saying that it is not a string.
+TaskSpec = Annotated[
+    Union[Annotated[str, Tag("spec")], Annotated[DeclaredTask, Tag("declared")]],
+    Discriminator(lambda v: "spec" if isinstance(v, str) else "declared"),
+    BeforeValidator(_task_form),
+]
+_TASK_TAGS = ("spec", "declared")
+
+
+class SearchSpace(Strict):
     """A validated search space file."""
 
-    task: str = "digits-cnn"
+    task: TaskSpec = "digits-cnn"
     budget: dict[str, Any] = Field(default_factory=lambda: {"flops": 0.5})
     groups: GroupSelection = Field(default_factory=GroupSelection)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
@@ -284,12 +269,23 @@ class SearchSpace(_Strict):
         return self.latency is not None or self.budget_obj.is_latency
 
     @property
+    def task_label(self) -> str:
+        """The task as studies, experiments and reports name it."""
+        return self.task if isinstance(self.task, str) else self.task.name
+
+    @property
+    def task_spec(self) -> str | dict[str, Any]:
+        """The task as a plan's ``provenance.task_spec`` records it, for :func:`autoprune.load_task`:
+        the name or import path, or the declaration with absolute paths."""
+        return self.task if isinstance(self.task, str) else self.task.model_dump(mode="json")
+
+    @property
     def display_name(self) -> str:
-        return self.name or self.task
+        return self.name or self.task_label
 
     def fingerprint(self) -> str:
         """sha256 of what defines the search's dimensions and objective (not its trial count or seed)."""
-        defining = {"task": self.task, "budget": self.budget, "groups": self.groups.model_dump(mode="json"),
+        defining = {"task": self.task_spec, "budget": self.budget, "groups": self.groups.model_dump(mode="json"),
                     "evaluation": self.evaluation.model_dump(mode="json"),
                     "objective": self.strategy.objective,
                     "latency": self.latency.model_dump(mode="json") if self.latency else None}
@@ -321,36 +317,47 @@ _CLI_FLAGS = {
 def _format_error(source: str, exc: ValidationError, flags: Mapping[str, str] | None = None) -> str:
     parts = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = _without_tags(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
         label = f"key '{key}'" + (f" (option {flags[key]})" if flags and key in flags else "")
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            parent = err["loc"][:-1]
-            allowed = _allowed_keys(parent)
+            allowed = _allowed_keys(loc[:-1])
             msg = f"unknown key; allowed keys here: {', '.join(allowed)}" if allowed else "unknown key"
         elif err["type"] in ("model_type", "dict_type"):
-            allowed = _allowed_keys(err["loc"])
+            allowed = _allowed_keys(loc)
             msg = ("must be a mapping" + (f" of keys ({', '.join(allowed)})" if allowed else "")
-                   + f", got {_show(err.get('input'))}")
+                   + f", got {show(err.get('input'))}")
         elif err["type"] == "invalid_key":
-            msg = f"keys must be strings, got {_show(err.get('input'))}"
+            msg = f"keys must be strings, got {show(err.get('input'))}"
         elif err["type"] == "literal_error":
-            msg = f"value {_show(err.get('input'))} is not allowed; {msg[0].lower() + msg[1:]}"
+            msg = f"value {show(err.get('input'))} is not allowed; {msg[0].lower() + msg[1:]}"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         elif err["type"] != "missing" and "input" in err:
-            msg = f"{msg} (got {_show(err['input'])})"
+            msg = f"{msg} (got {show(err['input'])})"
         parts.append(f"{label}: {msg.rstrip('.')}")
     return f"{source} is not a valid search space: " + "; ".join(parts) + "."
+
+
+def _without_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """An error's location without the union tag pydantic puts after ``task``."""
+    return loc[:1] + loc[2:] if len(loc) > 1 and loc[0] == "task" and loc[1] in _TASK_TAGS else loc
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field's type holds: ``LatencySpec | None`` -> LatencySpec, and so on
+    through unions and Annotated."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     model: type[BaseModel] = SearchSpace
     for part in loc:
         field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        candidates = [annotation, *typing.get_args(annotation)]  # LatencySpec | None -> LatencySpec
-        found = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        found = _models_in(getattr(field, "annotation", None))
         if not found:
             return []
         model = found[0]
@@ -361,47 +368,13 @@ def _validate(data: Any, *, source: str, flags: Mapping[str, str] | None = None)
     if not isinstance(data, Mapping):
         raise ConfigError(
             f"{source} must be a YAML mapping of keys (task, budget, groups, evaluation, strategy, latency, "
-            f"name), got {_show(data)}. See search_spaces/default.yaml for an example."
+            f"name), got {show(data)}. See search_spaces/default.yaml for an example."
         )
     try:
         return SearchSpace.model_validate(dict(data))
     except ValidationError as exc:
         raise ConfigError(_format_error(source, exc, flags)) from None
 
-
-class _DuplicateKey(yaml.YAMLError):
-    def __init__(self, key: Any, first_line: int, line: int) -> None:
-        super().__init__(f"key {key!r} appears twice")
-        self.key, self.first_line, self.line = key, first_line, line
-
-
-class _SpaceLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently), and reads
-    exponent floats without a dot (``1e-4``) as numbers, as YAML 1.2 does, not as strings."""
-
-    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue  # keys merged in from an anchor may be overridden; that is what << is for
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    first = seen.get(key)
-                except TypeError:
-                    continue  # an unhashable key: SafeLoader refuses it with its own error
-                line = key_node.start_mark.line + 1
-                if first is not None:
-                    raise _DuplicateKey(key, first, line)
-                seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-_SpaceLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
 
 _EXAMPLE = "search_spaces/default.yaml"
 
@@ -431,36 +404,10 @@ def find_space(name_or_path: str | os.PathLike[str]) -> Path:
     )
 
 
-def _read_yaml(path: Path) -> Any:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"Search space file {path} cannot be read ({exc.strerror or exc}).") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"Search space file {path} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start} "
-            "cannot be decoded); a search space is a YAML file saved as UTF-8."
-        ) from None
-    try:
-        return yaml.load(text, Loader=_SpaceLoader)  # noqa: S506 - a SafeLoader subclass
-    except _DuplicateKey as exc:
-        raise ConfigError(
-            f"Search space file {path}: key {exc.key!r} appears twice (line {exc.first_line} and line {exc.line}); "
-            "each key may be given once in a mapping."
-        ) from None
-    except yaml.YAMLError as exc:
-        detail = " ".join(str(exc).split())
-        raise ConfigError(f"Search space file {path} is not valid YAML: {detail}") from None
-    except RecursionError:
-        raise ConfigError(f"Search space file {path} is not a usable YAML file: it nests too deeply.") from None
-
-
 def load_space(name_or_path: str | os.PathLike[str]) -> SearchSpace:
     """Load and validate a search space YAML file (path, or name such as ``default``)."""
     path = find_space(name_or_path)
-    data = _read_yaml(path)
+    data = read_yaml(path)
     source = f"Search space file {path}"
     if data is None:
         raise ConfigError(
@@ -474,6 +421,23 @@ def load_space(name_or_path: str | os.PathLike[str]) -> SearchSpace:
             f"{source} names no task; a search space needs at least `task:` (a built-in task such as "
             f"digits-cnn, or package.module:function). See {_EXAMPLE} for a complete example."
         )
+    if isinstance(space.task, DeclaredTask):
+        # The declaration's files are where the space file says, wherever the search runs from;
+        # stored absolute, so plans made from it apply anywhere on this machine.
+        declared = space.task.resolved(path.resolve().parent)
+        missing = declared.missing_path()
+        if missing:
+            raise ConfigError(f"{source}: {missing} (relative paths are read from the file's directory, "
+                              f"{path.resolve().parent}).")
+        space = space.model_copy(update={"task": declared})
     if space.name is None:
-        space = space.model_copy(update={"name": path.stem if path.stem != "default" else space.task})
+        space = space.model_copy(update={"name": path.stem if path.stem != "default" else space.task_label})
     return space
+
+
+def validate_task(spec: Mapping[str, Any], *, source: str) -> DeclaredTask:
+    """A ``task:`` mapping (as a plan's provenance stores it) validated as a space file's would be."""
+    task = _validate({"task": dict(spec)}, source=source).task
+    if not isinstance(task, DeclaredTask):  # pragma: no cover - a mapping always validates as a declaration
+        raise ConfigError(f"{source} is not a task declaration.")
+    return task

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from ._workdir import resolve_workdir
 from .errors import AutopruneError, CheckpointError, TaskError, short
 from .precision import Precision, resolve_precision
 from .train import ScoreFn, TrainRecipe, score_model, top1_accuracy, train_model
+
+if TYPE_CHECKING:
+    from ._declared import DeclaredTask
 
 __all__ = [
     "Task", "load_task", "dense_model", "builtin_task_names", "train_task", "load_state_dict", "checkpoint_path",
@@ -374,7 +377,7 @@ def _load_user_task(spec: str, data_root: str | None, workdir: str | os.PathLike
 
 
 def load_task(
-    name: str,
+    name: str | Mapping[str, Any] | DeclaredTask,
     *,
     data_root: str | os.PathLike[str] | None = None,
     workdir: str | os.PathLike[str] | None = None,
@@ -383,11 +386,30 @@ def load_task(
 ) -> Task:
     """Load a built-in task by name, or a user task given as ``"package.module:function"``.
 
+    ``name`` may also be a task as a plan's ``provenance.task_spec`` records it: the ``task:``
+    mapping of a search space file (a model factory, a state-dict file and data files).
     ``data_root`` (or ``$AUTOPRUNE_DATA``) is where datasets that do not ship offline live.
     With ``pretrained=False`` a built-in model keeps its random initialization (enough for
     profiling and latency, which do not depend on the weights).
     """
     root = str(data_root) if data_root is not None else None
+    if not isinstance(name, str):
+        return _load_spec(name, root, workdir, seed)
     if ":" in name:
         return _load_user_task(name, root, workdir)
     return _load_builtin(name, root, workdir, pretrained, seed)
+
+
+def _load_spec(spec: Any, data_root: str | None, workdir: str | os.PathLike[str] | None, seed: int) -> Task:
+    """A task recorded as a mapping: a declared one (a space file's ``task:`` mapping) or the mark of
+    a search of a task object, which cannot be loaded again."""
+    if isinstance(spec, Mapping) and "in_memory" in spec:
+        raise TaskError(
+            f"The plan was searched on the ap.Task object {spec['in_memory']!r} built in Python, which autoprune "
+            "did not store. Pass --task with a task that builds the same model ('package.module:function'), or "
+            "apply the plan in Python: ap.apply_plan(task.model, plan, calibration_batches=...)."
+        )
+    from ._declared import load_declared
+
+    return load_declared(spec, data_root=data_root, workdir=workdir, seed=seed)
+
