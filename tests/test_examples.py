@@ -78,3 +78,14 @@ def test_task_object_is_searched_and_exported_with_the_same_object(tmp_path, exa
     # Worker processes load their task themselves: an object cannot reach them.
     with pytest.raises(ap.ConfigError, match=r"workers=2 .* 'my-digits' lives in this process only"):
         ap.search("default", task=task, workers=2, workdir=workdir, show_progress=False)
+
+
+def test_readme_walk_through_matches_the_examples():
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Your own model and data"):readme.index("### Your own models")]
+    declared = section.split("```yaml\n")[1].split("```")[0]
+    assert declared in (EXAMPLES / "declared.yaml").read_text()  # the task: part, verbatim
+    # The study names the tests find are the ones the README tells a reader to export.
+    for study in ("declared-optuna-tpe-flops0.5", "my_task:make_task-optuna-tpe-flops0.5"):
+        assert f"autoprune export --study {study} --out exported/" in section
+    assert "ap.load_pruned(" in section and "ap.search(\"default\", task=task" in section
