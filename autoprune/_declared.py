@@ -197,9 +197,10 @@ class DeclaredTask(Strict):
 
 
 def load_declared(spec: Mapping[str, Any] | DeclaredTask, *, data_root: str | None = None,
-                  workdir: str | os.PathLike[str] | None = None, seed: int = 0) -> Task:
+                  workdir: str | os.PathLike[str] | None = None, seed: int = 0, pretrained: bool = True) -> Task:
     """The :class:`~autoprune.Task` a ``task:`` mapping declares (relative paths against the
-    working directory; a space file's are already absolute)."""
+    working directory; a space file's are already absolute). With ``pretrained=False`` the model
+    keeps the factory's initialization: enough to profile it, and nothing is trained."""
     del data_root  # a declared task names its own data files
     if not isinstance(spec, DeclaredTask):
         from .space import validate_task
@@ -217,9 +218,9 @@ def load_declared(spec: Mapping[str, Any] | DeclaredTask, *, data_root: str | No
     example_input = torch.zeros(1, decl.input.channels, *decl.input.size)
     _probe(model, example_input, classes, decl)
     loaders = _loaders(splits, recipe, seed)
-    if decl.model.weights is not None:
+    if pretrained and decl.model.weights is not None:
         _load_weights(model, decl)
-    else:
+    elif pretrained:
         _train_or_reuse(model, decl, recipe, loaders.train, workdir)
     return Task(name=decl.name, model=model.eval(), example_input=example_input, train_loader=loaders.train,
                 val_loader=loaders.val, test_loader=loaders.test if len(splits.test) else None, recipe=recipe,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._compare import ScoreDifference
 from ._latency_check import LatencyCheck, budget_verdict, relative_to_limit
 from .latency import LatencySettings
 from .plan import Plan
@@ -102,7 +103,11 @@ class ExportReport:
         choose, exported: ``--choose`` and which model was written (``searched`` or ``uniform``).
         latency: dense and exported latency.
         formats: the deployable files written and how they compare with PyTorch.
+        mlflow_location: the MLflow run and artifact folder of this export (each export its own).
         latency_budget: how the search's best plans measured after a latency search.
+        differences: ``<split>_searched_minus_uniform``, ``<split>_searched_minus_dense`` and
+            ``val_searched_minus_uniform`` (after fine-tuning), each with a paired-bootstrap 95%
+            interval: a difference whose interval spans 0 is within noise, not a win.
     """
 
     out_dir: Path
@@ -126,6 +131,8 @@ class ExportReport:
     distill: Mapping[str, float] | None = None
     precision: str = "fp32"
     latency_budget: LatencyCheck | None = None
+    differences: Mapping[str, ScoreDifference] = field(default_factory=dict)
+    mlflow_location: str | None = None  # where the search's MLflow run keeps this export
 
     def latency_misses(self) -> list[str]:
         """Warnings for a latency budget missed, by the search's check or by this export's timing."""
@@ -167,6 +174,7 @@ class ExportReport:
         data["formats"] = dict(self.formats)
         data["distill"] = dict(self.distill) if self.distill is not None else None
         data["precision"] = self.precision
+        data["differences"] = {name: d.to_dict() for name, d in self.differences.items()}
         if self.latency_budget is not None:
             data["latency_budget"] = self.latency_budget.to_dict()  # the search's check; "latency" has this export's
         if d.subsets:
@@ -192,20 +200,30 @@ def report_markdown(r: ExportReport) -> str:
         "split. MACs as Torch-Pruning counts them.",
         "",
         f"| model | MACs | MACs ratio | params | {split} score |" + "".join(f" {split} {n} |" for n in subsets)
-        + " val score |",
+        + " val score, fine-tuned |",
         "|---|---:|---:|---:|---:|" + "---:|" * len(subsets) + "---:|",
     ]
     lines += [f"| {name} | {row.macs:,.0f} | {row.macs_ratio:.3f} | {row.params:,.0f} | {row.score:.4f} |"
               + "".join(f" {row.subsets[n]:.4f} |" for n in subsets) + f" {val} |" for name, row, val in rows]
-    diff = r.searched.score - r.uniform.score
-    lines += ["", f"Searched minus uniform: {diff:+.4f} ({'better' if diff > 0 else 'not better'} than the uniform baseline)."]
+    lines += ["", f"The search scored trial {r.trial} {r.val_score_before_finetune:.4f} on the validation split "
+              "before fine-tuning (its candidate score).", ""]
+    for label, key in (("Searched minus uniform", f"{split}_searched_minus_uniform"),
+                       ("Searched minus dense", f"{split}_searched_minus_dense")):
+        d = r.differences.get(key)
+        plain = (r.searched.score - (r.uniform.score if "uniform" in key else r.dense.score))
+        lines.append(f"- {label} on the {split} split: "
+                     + (f"{d.describe()}." if d else f"{plain:+.4f} (the loader's order varies: no interval)."))
+    val = r.differences.get("val_searched_minus_uniform")
+    noise = f" (searched minus uniform on the validation split {val.describe()})" if val else ""
     if r.exported == "uniform":
-        lines.append("Exported: the uniform plan, which scores higher on the validation split after fine-tuning (--choose val).")
+        lines.append(f"- Exported: the uniform plan, which scores higher on the validation split after fine-tuning "
+                     f"(--choose val){noise}.")
     elif r.choose == "val":
-        lines.append("Exported: the searched plan, which scores at least as high on the validation split after fine-tuning.")
+        lines.append(f"- Exported: the searched plan, which scores at least as high on the validation split after "
+                     f"fine-tuning{noise}.")
     elif uniform_wins_on_val(r.searched.val_score, r.uniform.val_score):
-        lines.append("Exported: the searched plan, although the uniform plan scores higher on the validation split after "
-                     "fine-tuning; `--choose val` would export that one instead.")
+        lines.append(f"- Exported: the searched plan, although the uniform plan scores higher on the validation split after "
+                     f"fine-tuning{noise}; `--choose val` would export that one instead.")
     lines.append("")
     if r.latency is not None:
         lines += _latency_markdown(r.latency)

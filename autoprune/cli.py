@@ -72,7 +72,8 @@ def profile(
         model, example_input = dense_model(name, workdir=workdir, pretrained=False)
         prof = replace(profile_model(model, example_input), task=name)
     else:
-        prof = profile_model(load_task(name, data_root=data_root, workdir=workdir))
+        # Profiles need no trained weights: a declared task's model is not trained for one.
+        prof = profile_model(load_task(name, data_root=data_root, workdir=workdir, pretrained=False))
     if as_json:
         typer.echo(json.dumps(prof.to_dict(), indent=2))
         return

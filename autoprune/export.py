@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from . import pruning
+from ._compare import ScoreDifference, paired_difference
 from ._latency_check import LatencyBudgetWarning, LatencyCheck
 from ._onnx import BATCH, check_onnx, onnx_runtime_latency, write_onnx
 from ._report import ExportReport, LatencyReport, ModelRow, report_markdown, uniform_wins_on_val
@@ -34,9 +36,10 @@ from .precision import resolve_precision
 from .profile import ModelProfile, profile_model
 from .pruned import PRUNED_FORMAT, load_pruned, save_pruned
 from .settings import SearchSettings, latency_settings, searched_in_memory
+from .space import LatencySpec
 from .study import StoredTrial, best_trial, default_storage_url, load_study, read_record
-from .task import Task, load_task, score_test_splits
-from .train import Distillation, FinetuneSchedule, score_model, train_model
+from .task import Task, load_task
+from .train import Distillation, FinetuneSchedule, predict, score_model, train_model
 
 __all__ = [
     "EXPORT_CHOICES", "PRUNED_FORMAT", "uniform_wins_on_val", "save_pruned", "load_pruned", "export_study",
@@ -197,7 +200,7 @@ def export_study(
                                    finetune_epochs=finetune_epochs, schedule=plan_schedule, choose=choose,
                                    distill=distill, precision=chosen_precision)
     report = _write_bundle(out_dir, report, model, plan, inputs.task)
-    _log_export(inputs, report, workdir)
+    report = replace(report, mlflow_location=_log_export(inputs, report, workdir))
     for miss in report.latency_misses():
         warnings.warn(miss, LatencyBudgetWarning, stacklevel=2)
     return report
@@ -266,16 +269,42 @@ def _finetune_pair(inputs: _Inputs, *, epochs: float, schedule: FinetuneSchedule
     return searched_model, uniform, uniform_model
 
 
-def _row(model: nn.Module, task: Task, loader: Any, dense: tuple[float, float] | None,
-         finetuned: bool) -> ModelRow:
+@dataclass(frozen=True)
+class _Scored:
+    """A model's report row, and its outputs on the report's split and the validation split (the
+    paired comparisons resample them)."""
+
+    row: ModelRow
+    split: tuple[torch.Tensor, torch.Tensor]  # logits, targets
+    val: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def _row(model: nn.Module, task: Task, loader: Any, dense: tuple[float, float] | None, finetuned: bool) -> _Scored:
     macs, params = pruning.count_macs_params(model, task.example_input)
-    tests = score_test_splits(model, task)
-    return ModelRow(
-        macs=macs, params=params, score=score_model(model, loader, task.score_fn),
-        val_score=score_model(model, task.val_loader, task.score_fn) if finetuned else None,
-        subsets={k.removeprefix("test_"): v for k, v in tests.items() if k != "test"},
+    outputs = predict(model, loader)
+    val = predict(model, task.val_loader) if finetuned else None
+    subsets = {name: score_model(model, subset, task.score_fn) for name, subset in task.test_subsets.items()} \
+        if task.test_loader is not None else {}
+    row = ModelRow(
+        macs=macs, params=params, score=float(task.score_fn(*outputs)),
+        val_score=float(task.score_fn(*val)) if val is not None else None, subsets=subsets,
         macs_ratio=macs / dense[0] if dense else 1.0, params_ratio=params / dense[1] if dense else 1.0,
     )
+    return _Scored(row, outputs, val)
+
+
+def _differences(task: Task, split: str, dense: _Scored, searched: _Scored,
+                 uniform: _Scored) -> dict[str, ScoreDifference]:
+    """Searched minus uniform and minus dense on the report's split, and searched minus uniform on
+    the validation split after fine-tuning, each with its paired-bootstrap interval. Skipped where
+    the loader does not give the examples in one order (the pairs would not be pairs)."""
+    def paired(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> ScoreDifference | None:
+        return paired_difference(a[0], b[0], a[1], task.score_fn) if torch.equal(a[1], b[1]) else None
+
+    found = {f"{split}_searched_minus_uniform": paired(searched.split, uniform.split),
+             f"{split}_searched_minus_dense": paired(searched.split, dense.split),
+             "val_searched_minus_uniform": paired(searched.val, uniform.val) if searched.val and uniform.val else None}
+    return {name: d for name, d in found.items() if d is not None}
 
 
 def _measure(inputs: _Inputs, out_dir: Path, searched_model: nn.Module, uniform: Plan, uniform_model: nn.Module, *,
@@ -284,9 +313,11 @@ def _measure(inputs: _Inputs, out_dir: Path, searched_model: nn.Module, uniform:
     """Score the three models, choose the one to write, time it against the dense model."""
     task, study_name = inputs.task, inputs.settings.study_name
     loader, split = (task.test_loader, "test") if task.test_loader is not None else (task.val_loader, "val")
-    dense = _row(task.model, task, loader, None, finetuned=False)
-    searched = _row(searched_model, task, loader, (dense.macs, dense.params), finetuned=True)
-    uniform_row = _row(uniform_model, task, loader, (dense.macs, dense.params), finetuned=True)
+    dense_scored = _row(task.model, task, loader, None, finetuned=False)
+    dense = dense_scored.row
+    searched_scored = _row(searched_model, task, loader, (dense.macs, dense.params), finetuned=True)
+    uniform_scored = _row(uniform_model, task, loader, (dense.macs, dense.params), finetuned=True)
+    searched, uniform_row = searched_scored.row, uniform_scored.row
     plan, model, exported = inputs.chosen.plan, searched_model, "searched"
     if choose == "val" and uniform_wins_on_val(searched.val_score, uniform_row.val_score):
         plan, model, exported = uniform.with_provenance(study=study_name), uniform_model, "uniform"
@@ -313,6 +344,7 @@ def _measure(inputs: _Inputs, out_dir: Path, searched_model: nn.Module, uniform:
         finetune_epochs=finetune_epochs, schedule=str(schedule), split=split, dense=dense, searched=searched,
         uniform=uniform_row, val_score_before_finetune=inputs.chosen.result.val_score, choose=choose,
         exported=exported, latency=latency, precision=precision, latency_budget=inputs.latency_check,
+        differences=_differences(task, split, dense_scored, searched_scored, uniform_scored),
         distill={"temperature": DISTILL_TEMPERATURE, "alpha": DISTILL_ALPHA} if distill else None,
     )
     return report, plan, model
@@ -343,17 +375,23 @@ def _write_bundle(out_dir: Path, report: ExportReport, model: nn.Module, plan: P
     return report
 
 
-def _log_export(inputs: _Inputs, report: ExportReport, workdir: str | os.PathLike[str] | None) -> None:
-    """The bundle and its scores onto the search's MLflow parent run."""
+def _log_export(inputs: _Inputs, report: ExportReport, workdir: str | os.PathLike[str] | None) -> str | None:
+    """The bundle and its scores onto the search's MLflow parent run; where it went, in words.
+
+    Each export gets its own artifact folder, ``export/<n>-<out dir name>``, and logs its scores at
+    step ``n``: a second export of a study sits beside the first instead of overwriting it.
+    """
     record = read_record(inputs.study)
     if not (record.mlflow_run_id and inputs.tracking_uri):
-        return
+        return None
     from .tracking import Tracker
 
     tracker = Tracker(inputs.tracking_uri, record.experiment or inputs.settings.space.display_name,
                       artifact_root=resolve_workdir(workdir) / "mlartifacts")
+    number = len(tracker.artifact_folders(record.mlflow_run_id, "export")) + 1
+    folder = f"export/{number}-{re.sub(r'[^A-Za-z0-9._-]+', '_', report.out_dir.name)}"
     for path in sorted(report.out_dir.iterdir()):
-        tracker.log_file(record.mlflow_run_id, path, "export")
+        tracker.log_file(record.mlflow_run_id, path, folder)
     split, lat = report.split, report.latency
     ort = (lat.onnxruntime or {}) if lat is not None else {}
     tracker.log_metrics(record.mlflow_run_id, {
@@ -363,7 +401,8 @@ def _log_export(inputs: _Inputs, report: ExportReport, workdir: str | os.PathLik
         **({"export_latency_ms_dense": lat.dense_ms, "export_latency_ms_pruned": lat.pruned_ms,
             "export_speedup": lat.speedup} if lat is not None else {}),
         **({"export_speedup_onnxruntime": ort["speedup"]} if "speedup" in ort else {}),
-    })
+    }, step=number)
+    return f"MLflow run {record.mlflow_run_id}, artifacts {folder}/"
 
 
 # -- the output directory ------------------------------------------------------------------------

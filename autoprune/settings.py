@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._declared import DeclaredTask
 from ._workdir import resolve_workdir
 from .budget import Budget
 from .errors import ConfigError, redact
@@ -165,6 +166,10 @@ def resolve_settings(
     if task is not None:
         # Another task: the space's own name (which named its task) no longer applies.
         loaded = loaded.with_overrides(task=task).model_copy(update={"name": None})
+    if isinstance(loaded.task, DeclaredTask):
+        # A space built in Python: its relative paths are the working directory's, stored absolute
+        # (a space file's already are) so that export, apply and workers find the same files.
+        loaded = loaded.model_copy(update={"task": loaded.task.resolved(Path.cwd())})
     budget_dict = None
     if budget is not None:
         budget_dict = (budget if isinstance(budget, Budget) else Budget.parse(str(budget))).to_dict()

@@ -412,14 +412,16 @@ def load_space(name_or_path: str | os.PathLike[str]) -> SearchSpace:
     if data is None:
         raise ConfigError(
             f"{source} is empty (or holds only comments); a search space needs at least `task:` (a built-in "
-            f"task such as digits-cnn, or package.module:function), usually with budget: and strategy:. "
+            f"task such as digits-cnn, package.module:function, or a mapping declaring a model and its data), "
+            f"usually with budget: and strategy:. "
             f"See {_EXAMPLE} for a complete example."
         )
     space = _validate(data, source=source)
     if "task" not in data:
         raise ConfigError(
             f"{source} names no task; a search space needs at least `task:` (a built-in task such as "
-            f"digits-cnn, or package.module:function). See {_EXAMPLE} for a complete example."
+            f"digits-cnn, package.module:function, or a mapping declaring a model and its data, as in "
+            f"examples/declared.yaml). See {_EXAMPLE} for a complete example."
         )
     if isinstance(space.task, DeclaredTask):
         # The declaration's files are where the space file says, wherever the search runs from;

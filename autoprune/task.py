@@ -1,7 +1,9 @@
 """Tasks: a dense model, its data splits and how to score it.
 
 A task is what a search prunes. Built-in tasks are named (``digits-cnn``, ``fashionmnist-resnet20``,
-``cifar10-resnet56``, ...); a user task is ``"package.module:function"`` returning a :class:`Task`.
+``cifar10-resnet56``, ...); a user task is ``"package.module:function"`` returning a :class:`Task`,
+or a ``task:`` mapping in a search space file that declares a model factory and data files
+(:mod:`autoprune._declared`).
 Dense checkpoints are plain state dicts, looked up in ``<workdir>/checkpoints`` and then among those
 shipped with autoprune, and loaded with ``torch.load(weights_only=True)``.
 """
@@ -394,13 +396,14 @@ def load_task(
     """
     root = str(data_root) if data_root is not None else None
     if not isinstance(name, str):
-        return _load_spec(name, root, workdir, seed)
+        return _load_spec(name, root, workdir, seed, pretrained)
     if ":" in name:
         return _load_user_task(name, root, workdir)
     return _load_builtin(name, root, workdir, pretrained, seed)
 
 
-def _load_spec(spec: Any, data_root: str | None, workdir: str | os.PathLike[str] | None, seed: int) -> Task:
+def _load_spec(spec: Any, data_root: str | None, workdir: str | os.PathLike[str] | None, seed: int,
+               pretrained: bool) -> Task:
     """A task recorded as a mapping: a declared one (a space file's ``task:`` mapping) or the mark of
     a search of a task object, which cannot be loaded again."""
     if isinstance(spec, Mapping) and "in_memory" in spec:
@@ -411,5 +414,5 @@ def _load_spec(spec: Any, data_root: str | None, workdir: str | os.PathLike[str]
         )
     from ._declared import load_declared
 
-    return load_declared(spec, data_root=data_root, workdir=workdir, seed=seed)
+    return load_declared(spec, data_root=data_root, workdir=workdir, seed=seed, pretrained=pretrained)
 

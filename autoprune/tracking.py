@@ -282,6 +282,11 @@ class Tracker:
     def log_file(self, run_id: str, path: Path, artifact_dir: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_dir)
 
+    @_translated("listing a run's artifacts")
+    def artifact_folders(self, run_id: str, path: str) -> list[str]:
+        """The folders directly under ``path`` in a run's artifacts (none when it has no ``path``)."""
+        return [a.path for a in self.client.list_artifacts(run_id, path) if a.is_dir]
+
     @_translated("tagging a run")
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         for k, v in tags.items():

@@ -78,7 +78,7 @@ def _space(path, task, **extra) -> str:
     return str(path)
 
 
-def test_declared_task_loads_a_state_dict_and_an_npz(tmp_path, monkeypatch):
+def test_declared_task_loads_a_state_dict_and_an_npz(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(EXAMPLES))
     from my_task import SmallCNN
 
@@ -106,6 +106,9 @@ def test_declared_task_loads_a_state_dict_and_an_npz(tmp_path, monkeypatch):
     x, _ = loaded.train_loader.dataset[0]
     assert x.shape == (1, 8, 8) and float(x.min()) == pytest.approx((0 - 0.3) / 0.4)
     assert "features.0" not in {g.name for g in ap.profile_model(loaded).groups}
+    capsys.readouterr()
+    assert run(["profile", "--space", str(tmp_path / "space.yaml"), "--json"]) == 0
+    assert __import__("json").loads(capsys.readouterr().out)["task"] == "npz-digits"
 
     # Resized, and grayscale repeated into RGB, for a model that reads 3 channels at another size.
     from autoprune._declared import _splits
