@@ -266,6 +266,8 @@ def export(
                               choose=choose, distill=distill, precision=precision)
     console.print((report.out_dir / "report.md").read_text())
     console.print(f"wrote {report.out_dir}: {', '.join(sorted(p.name for p in report.out_dir.iterdir()))}")
+    if report.mlflow_location:
+        console.print(f"logged to {report.mlflow_location}", highlight=False)
 
 
 @app.command()
