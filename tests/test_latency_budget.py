@@ -13,7 +13,7 @@ import shutil
 
 import optuna
 import pytest
-from conftest import REPO
+from conftest import REPO, mlflow_runs
 
 import autoprune as ap
 import autoprune._finish as finish_stage
@@ -73,6 +73,12 @@ def test_summary_states_limit_dense_chosen_latency_and_the_trial_passed_over(hom
             f"(predicted {chosen.predicted_ms:.3f} ms): budget met (10.0% under the limit)") in out
     assert f"best plan of study passed-over (trial {chosen.number})" in out
     assert "warning" not in out.lower() and "MISSED" not in err
+    client, parents, _ = mlflow_runs(home, "space")
+    parent = next(p for p in parents if p.info.run_name == "passed-over")
+    assert parent.data.metrics["latency_budget_met"] == 1.0
+    assert parent.data.metrics["best_latency_ms_measured"] == pytest.approx(chosen.measured_ms)
+    plotted = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/score_vs_latency.png", "plots/score_vs_macs.png"} <= plotted  # #16 item 11
 
 
 def test_a_miss_just_over_the_tolerance_is_loud_in_the_summary_and_the_export(home, capsys, monkeypatch, tmp_path):
