@@ -156,7 +156,7 @@ def apply(
 
 @app.command()
 def train(
-    task: Annotated[str, typer.Option("--task", help="Built-in task to train.")],
+    task: Annotated[str, typer.Option("--task", help="Built-in task to train (a user task brings its own trained model).")],
     epochs: Annotated[Optional[float], typer.Option("--epochs", help="Epochs (default: the task's recipe).")] = None,
     seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed of the initialization and the batch order (0..2**32-1).")] = 0,
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch threads (default: all cores).")] = None,

@@ -236,6 +236,14 @@ def train_task(
     checkpoint path and its metadata (recipe, epochs, precision, validation and test accuracy,
     the validation accuracy after each epoch), which is also written next to it as JSON.
     """
+    if ":" in name:
+        # A user task's function hands over a model it already trained; `train` has no recipe for it.
+        raise TaskError(
+            f"autoprune train trains the dense model of a built-in task ({', '.join(_BUILTINS)}); {name!r} is a "
+            "user task, which brings its own trained model (its function returns an ap.Task holding it), so there "
+            "is nothing to train here. Train that model your own way, then search it with "
+            f"`autoprune search --task {name}`."
+        )
     spec = _builtin(name)
     epochs = spec.recipe.epochs if epochs is None else epochs
     if not isinstance(epochs, (int, float)) or not math.isfinite(epochs) or epochs <= 0:
