@@ -10,10 +10,11 @@ from typing import Any
 
 from ._compare import ScoreDifference
 from ._latency_check import LatencyCheck, budget_verdict, relative_to_limit
+from .budget import Budget
 from .latency import LatencySettings
 from .plan import Plan
 
-__all__ = ["ModelRow", "LatencyReport", "ExportReport", "report_markdown", "uniform_wins_on_val"]
+__all__ = ["ModelRow", "LatencyReport", "ExportReport", "report_markdown", "uniform_wins_on_val", "budget_text"]
 
 
 def uniform_wins_on_val(searched_val: float, uniform_val: float) -> bool:
@@ -96,6 +97,7 @@ class ExportReport:
         plan: the plan of the exported model (searched, or uniform under ``--choose val``).
         trial: the study's trial the searched plan came from.
         study, task, strategy, budget: where the plan came from.
+        picked_within: export's ``--budget`` (``flops=0.3``) the trial was picked under, if any.
         finetune_epochs, schedule, distill, precision: how both pruned models were fine-tuned.
         split: the split ``score`` is measured on (``test``, or ``val`` for tasks without one).
         dense, searched, uniform: the three models' rows.
@@ -133,6 +135,7 @@ class ExportReport:
     latency_budget: LatencyCheck | None = None
     differences: Mapping[str, ScoreDifference] = field(default_factory=dict)
     mlflow_location: str | None = None  # where the search's MLflow run keeps this export
+    picked_within: str | None = None
 
     def latency_misses(self) -> list[str]:
         """Warnings for a latency budget missed, by the search's check or by this export's timing."""
@@ -159,7 +162,8 @@ class ExportReport:
         s, u, d = self.searched, self.uniform, self.dense
         data: dict[str, Any] = {
             "study": self.study, "trial": self.trial, "task": self.task, "budget": self.budget,
-            "strategy": self.strategy, "finetune_epochs": self.finetune_epochs, "schedule": self.schedule,
+            "strategy": self.strategy, "picked_within": self.picked_within,
+            "finetune_epochs": self.finetune_epochs, "schedule": self.schedule,
             "score_split": self.split,
             "dense": {"macs": d.macs, "params": d.params, "score": d.score},
             "pruned": {"macs": s.macs, "params": s.params, "macs_ratio": s.macs_ratio, "params_ratio": s.params_ratio,
@@ -195,7 +199,9 @@ def report_markdown(r: ExportReport) -> str:
         f"# autoprune export: {r.task}, study {r.study}",
         "",
         *[f"**WARNING: {miss}.**\n" for miss in r.latency_misses()],
-        f"Budget {r.budget}; best plan from {r.strategy}; both pruned models fine-tuned "
+        f"Budget {budget_text(r.budget)}"
+        + (f" (the best trial within export --budget {r.picked_within})" if r.picked_within else "")
+        + f"; best plan from {r.strategy}; both pruned models fine-tuned "
         f"{r.finetune_epochs} epoch(s), schedule {r.schedule}, {distill}, {r.precision}; scores on the {split} "
         "split. MACs as Torch-Pruning counts them.",
         "",
@@ -236,6 +242,11 @@ def report_markdown(r: ExportReport) -> str:
             lines.append(f"- {name}: not written ({info['error']})")
     lines.append("")
     return "\n".join(lines)
+
+
+def budget_text(budget: Mapping[str, float] | None) -> str:
+    """A budget as the command line writes it (``flops=0.5``), not as a Python dict."""
+    return str(Budget.from_dict(budget)) if budget else "none"
 
 
 def _format_check(info: Mapping[str, Any]) -> str:

@@ -149,6 +149,7 @@ class _Inputs:
     budget: Budget  # the budget the uniform plan is made for
     tracking_uri: str | None
     latency_check: LatencyCheck | None  # how the search's best plans measured after the search
+    picked_within: Budget | None = None  # export's --budget, when the trial was picked under one
 
 
 def export_study(
@@ -249,7 +250,8 @@ def _load_inputs(study_name: str, *, storage: str | None, budget: str | None, wo
                        input_shape=tuple(task.example_input.shape))  # a task object given may not be the searched one
     trial_budget = Budget(flops=chosen.result.macs_ratio) if max_ratio else space.budget_obj
     check = LatencyCheck.from_dict(record.latency_check) if record.latency_check else None
-    return _Inputs(study, settings, task, profile, chosen, trial_budget, tracking_uri or record.tracking_uri, check)
+    return _Inputs(study, settings, task, profile, chosen, trial_budget, tracking_uri or record.tracking_uri, check,
+                   limit)
 
 
 def _finetune_pair(inputs: _Inputs, *, epochs: float, schedule: FinetuneSchedule, distill: bool, precision: str,
@@ -346,6 +348,7 @@ def _measure(inputs: _Inputs, out_dir: Path, searched_model: nn.Module, uniform:
         exported=exported, latency=latency, precision=precision, latency_budget=inputs.latency_check,
         differences=_differences(task, split, dense_scored, searched_scored, uniform_scored),
         distill={"temperature": DISTILL_TEMPERATURE, "alpha": DISTILL_ALPHA} if distill else None,
+        picked_within=str(inputs.picked_within) if inputs.picked_within else None,
     )
     return report, plan, model
 

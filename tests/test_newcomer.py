@@ -4,7 +4,12 @@ instead of creating an empty workdir or contradicting themselves."""
 
 from __future__ import annotations
 
+from conftest import REPO
+
+import autoprune as ap
 from autoprune.cli import run
+
+SPACE = str(REPO / "search_spaces" / "default.yaml")
 
 
 def _cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -22,3 +27,15 @@ def test_train_of_a_user_task_says_it_brings_its_own_model(capsys, tmp_path):
     assert "Unknown task" not in message and "or give a user task" not in message  # no self-contradiction
     assert not (tmp_path / "home").exists()
 
+
+def test_export_of_a_pareto_front_by_budget_writes_budgets_as_the_cli_does(capsys, workdir, tmp_path):
+    result = ap.search(SPACE, objective="pareto", strategy="random", n_trials=3, workdir=workdir,
+                       show_progress=False)
+    out_dir = tmp_path / "exported"
+    code, out, err = _cli(capsys, "export", "--study", result.study_name, "--out", str(out_dir), "--budget",
+                          "flops=0.6", "--finetune-epochs", "0", "--threads", "1", "--workdir", str(workdir))
+    assert code == 0, err
+    report = (out_dir / "report.md").read_text()
+    chosen = ap.Plan.load(out_dir / "plan.json")
+    assert f"Budget {ap.Budget.from_dict(chosen.budget)} (the best trial within export --budget flops=0.6);" in report
+    assert "{'" not in report and "{'" not in out  # no Python dicts in what the user reads
