@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-__all__ = ["resolve_workdir", "DEFAULT_WORKDIR", "sqlite_path", "exclusive_lock", "pid_alive"]
+__all__ = ["resolve_workdir", "searched_workdir", "DEFAULT_WORKDIR", "sqlite_path", "exclusive_lock", "pid_alive"]
 
 DEFAULT_WORKDIR = "autoprune-runs"
 
@@ -32,6 +32,22 @@ def resolve_workdir(workdir: str | os.PathLike[str] | None = None, *, create: bo
             "study storage, MLflow database and checkpoints there; pass a writable directory with "
             "--workdir DIR or set AUTOPRUNE_HOME."
         ) from None
+    return path
+
+
+def searched_workdir(workdir: str | os.PathLike[str] | None, *, command: str) -> Path:
+    """The workdir, not created, when it holds searches (an ``optuna.db``); else a message naming the
+    workdir read and how to point at another.
+
+    Commands that read searches (``export``, ``studies``) run in the wrong directory would otherwise
+    create an empty ``./autoprune-runs`` and report that it has no such study.
+    """
+    path = resolve_workdir(workdir, create=False)
+    if not (path / "optuna.db").is_file():
+        raise ConfigError(
+            f"No searches in {path}: it has no optuna.db. Run `autoprune {command}` where you ran `autoprune "
+            "search`, or point --workdir (or AUTOPRUNE_HOME, or --storage) at the search's runs."
+        )
     return path
 
 

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ._workdir import resolve_workdir
+from ._workdir import resolve_workdir, searched_workdir
 from .errors import AutopruneError, ConfigError, redact
 from .space import AGENTS, SAMPLERS
 from .strategies import STRATEGY_NAMES
@@ -280,11 +280,7 @@ def studies(
     from ._catalog import list_studies
     from ._storage import check_storage_url, default_storage_url
 
-    home = resolve_workdir(workdir)
-    if storage is None and not (home / "optuna.db").is_file():
-        raise ConfigError(f"No searches in {home}: it has no optuna.db. Run `autoprune search` there, or point "
-                          "--workdir (or --storage) at the searches.")
-    url = check_storage_url(storage) if storage else default_storage_url(home)
+    url = check_storage_url(storage) if storage else default_storage_url(searched_workdir(workdir, command="studies"))
     found = list_studies(url)
     table = Table(title=f"{len(found)} search(es) in {escape(redact(url))}")
     for column in ("study", "task", "strategy", "budget", "trials", "best val score", "started", "last trial"):

@@ -27,7 +27,7 @@ from ._compare import ScoreDifference, paired_difference
 from ._latency_check import LatencyBudgetWarning, LatencyCheck
 from ._onnx import BATCH, check_onnx, onnx_runtime_latency, write_onnx
 from ._report import ExportReport, LatencyReport, ModelRow, report_markdown, uniform_wins_on_val
-from ._workdir import pid_alive, resolve_workdir
+from ._workdir import pid_alive, resolve_workdir, searched_workdir
 from .budget import Budget, uniform_plan
 from .errors import ConfigError, StudyError, short
 from .latency import build_predictor, measure_many, simd_round_to
@@ -215,7 +215,7 @@ def _load_inputs(study_name: str, *, storage: str | None, budget: str | None, wo
 
     if tracking_uri is not None:
         check_tracking_uri(tracking_uri)
-    home = resolve_workdir(workdir)
+    home = resolve_workdir(workdir) if storage else searched_workdir(workdir, command="export")
     study = load_study(study_name, storage or default_storage_url(home))
     record = read_record(study)
     settings = SearchSettings.from_dict(record.settings)

@@ -151,9 +151,12 @@ def test_plan_for_another_model_and_corrupt_plans(capsys, workdir, tmp_path, dig
 
 
 def test_export_of_unknown_study_leaves_no_directory(capsys, workdir, tmp_path):
+    import optuna
+
+    optuna.create_study(study_name="other", storage=f"sqlite:///{workdir / 'optuna.db'}")  # searches, not this one
     out_dir = tmp_path / "exported"
     code, out = _cli(capsys, "export", "--study", "nope", "--out", str(out_dir), "--workdir", str(workdir))
-    assert code == 2 and "No study named 'nope'" in out and not out_dir.exists()
+    assert code == 2 and "No study named 'nope'" in out and "studies there: other" in out and not out_dir.exists()
 
 
 def test_export_refuses_an_unknown_choice_before_any_work(capsys, workdir, tmp_path):

@@ -39,3 +39,15 @@ def test_export_of_a_pareto_front_by_budget_writes_budgets_as_the_cli_does(capsy
     chosen = ap.Plan.load(out_dir / "plan.json")
     assert f"Budget {ap.Budget.from_dict(chosen.budget)} (the best trial within export --budget flops=0.6);" in report
     assert "{'" not in report and "{'" not in out  # no Python dicts in what the user reads
+
+
+def test_export_and_studies_outside_the_searchs_directory_name_it_and_create_nothing(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AUTOPRUNE_HOME", raising=False)
+    for args in (["export", "--study", "mine", "--out", "exported"], ["studies"]):
+        code, out, err = _cli(capsys, *args)
+        message = " ".join(err.split())
+        assert code == 2 and "Traceback" not in out + err, message
+        assert f"No searches in {tmp_path / 'autoprune-runs'}: it has no optuna.db." in message
+        assert "--workdir" in message and "AUTOPRUNE_HOME" in message and "--storage" in message
+        assert list(tmp_path.iterdir()) == []  # no empty ./autoprune-runs, no partial export
