@@ -16,9 +16,15 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-__all__ = ["progress_bar"]
+__all__ = ["progress_bar", "note"]
 
 _LOG_EVERY_SECONDS = 30.0
+
+
+def note(message: str, *, enabled: bool = True) -> None:
+    """One plain line on stderr, where the progress display goes; nothing unless ``enabled``."""
+    if enabled:
+        Console(stderr=True).print(message, highlight=False, markup=False, soft_wrap=True)
 
 
 @contextmanager

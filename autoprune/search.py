@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
+from optuna.trial import TrialState
 
 from ._finish import SearchResult, finish, result_of
-from ._progress import progress_bar
+from ._progress import note, progress_bar
 from ._trials import TrialRunner
 from ._workers import Stop, forward_interrupt, start_workers, stop_workers, wait_for_workers
 from .budget import Budget, global_plan, project, reachable_range, uniform_plan
@@ -34,6 +35,7 @@ from .study import (
     best_trial,
     completed_trials,
     create_or_resume_study,
+    failed_trials,
     open_storage,
     read_record,
     reap_dead_local_trials,
@@ -82,6 +84,8 @@ def search(
         study, resumed = _open_study(settings)
         tracker = _tracker(settings)
         parent_run_id = _open_parent_run(settings, study, tracker, prepared)
+        if resumed:
+            note(_resumed_at(settings, study), enabled=show_progress)
         stop, failed = Stop(), False
         with progress_bar(f"search {settings.study_name}", total=settings.n_trials, enabled=show_progress) as advance:
             runner = _runner(settings, prepared, study, tracker, parent_run_id, stop, new_study=not resumed,
@@ -137,6 +141,22 @@ def _progress_reporter(study: optuna.Study, advance: Callable[[int, str], None],
             on_trial(outcome)
 
     return report
+
+
+def _resumed_at(settings: SearchSettings, study: optuna.Study) -> str:
+    """Where a resumed study stands: its finished, stopped and failed trials and the next trial's number."""
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    stopped = sum(t.state == TrialState.PRUNED for t in trials)
+    failed = len(failed_trials(study))
+    counts = [f"{stopped} stopped early"] * bool(stopped) + [f"{failed} failed"] * bool(failed)
+    line = f"resuming study {settings.study_name}: {finished} of {settings.n_trials} trials finished" + (
+        f" ({', '.join(counts)})" if counts else "")
+    if finished >= settings.n_trials:
+        return line + "; nothing left to run (raise --trials to search further)"
+    # A re-queued trial (a dead worker's candidate, retried) runs before any new one.
+    waiting = [t.number for t in trials if t.state == TrialState.WAITING]
+    return line + f", continuing from trial {min(waiting, default=len(trials))}"
 
 
 def _check_remote_stores(settings: SearchSettings) -> None:

@@ -51,3 +51,21 @@ def test_export_and_studies_outside_the_searchs_directory_name_it_and_create_not
         assert f"No searches in {tmp_path / 'autoprune-runs'}: it has no optuna.db." in message
         assert "--workdir" in message and "AUTOPRUNE_HOME" in message and "--storage" in message
         assert list(tmp_path.iterdir()) == []  # no empty ./autoprune-runs, no partial export
+
+
+def test_a_resumed_search_says_where_it_resumes_before_its_trials(capsys, workdir):
+    import optuna
+
+    args = ("search", "--study", "again", "--strategy", "random", "--workdir", str(workdir))
+    code, _, err = _cli(capsys, *args, "--trials", "2")
+    assert code == 0 and "resuming" not in err, err
+    study = optuna.load_study(study_name="again", storage=f"sqlite:///{workdir / 'optuna.db'}")
+    next_number = len(study.trials)
+    code, _, err = _cli(capsys, *args, "--trials", "3")
+    assert code == 0, err
+    line = f"resuming study again: 2 of 3 trials finished, continuing from trial {next_number}"
+    assert line in err and err.index(line) < err.index("search again: 3/3")
+    finished = [t.number for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
+    assert len(finished) == 3 and finished[-1] == next_number  # the trial it said it would run
+    code, _, err = _cli(capsys, *args, "--trials", "3")
+    assert "resuming study again: 3 of 3 trials finished; nothing left to run" in err
