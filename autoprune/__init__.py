@@ -1,6 +1,6 @@
 """autoprune: search per-group structured-pruning ratios under a FLOPs, size or latency budget.
 
-The public API (see DESIGN.md)::
+The public API (README.md walks through it)::
 
     import autoprune as ap
     task = ap.load_task("digits-cnn")

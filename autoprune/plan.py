@@ -24,7 +24,7 @@ from torch import nn
 
 from . import pruning
 from .errors import BudgetError, PlanError, PlanMismatchError
-from .profile import ModelProfile, fingerprint_of
+from .profile import ModelProfile, fingerprint_of, profile_model
 
 __all__ = ["Plan", "PLAN_SCHEMA", "StaleBatchNormWarning", "apply_plan", "check_plan_matches", "write_atomic"]
 
@@ -394,7 +394,9 @@ def apply_plan(
         except (RuntimeError, TypeError, ValueError) as exc:
             raise PlanError(f"The plan's input shape {tuple(plan.input_shape)} cannot be built ({exc}).") from None
     try:
-        groups = pruning.find_groups(model, example_input, ignored_layers)
+        # The groups a profile searches: Torch-Pruning's, less those left whole (a search never
+        # plans for them, so neither does a plan file).
+        groups = profile_model(model, example_input[:1], ignored_layers=ignored_layers).groups
     except RuntimeError as exc:
         raise PlanMismatchError(
             f"The plan's input shape {tuple(example_input.shape)} does not fit the model "

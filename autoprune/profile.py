@@ -230,6 +230,18 @@ def _call_terms(
         return [(1.0, ins, _ONE, ins[1] if len(ins) > 1 else ins[0])], True
     if call.kind == "activation":
         return [(1.0, outs, _ONE, outs[1] if len(outs) > 1 else outs[0])], True
+    if call.kind == "attention":
+        # Torch-Pruning's count of nn.MultiheadAttention, with the projected width (inner) apart
+        # from the embedding width where heads use it (pruning.attention_macs: the same sum).
+        batch, qlen, klen, vlen = q("attn.batch"), q("attn.qlen"), q("attn.klen"), q("attn.vlen")
+        embed, inner, heads = q("attn.embed"), q("attr.inner"), q("attr.num_heads")
+        terms = [(1.0, [batch, qlen, inner], _ONE, inner)]
+        terms += [(1.0, [batch, length, embed, inner], _ONE, inner) for length in (qlen, klen, vlen)]
+        if call.has_bias:
+            terms += [(1.0, [batch, length, inner], _ONE, inner) for length in (qlen, klen, vlen)]
+        terms += [(1.0, [batch, heads, qlen, klen], _ONE, inner), (2.0, [batch, qlen, klen, inner], _ONE, inner),
+                  (1.0, [batch, qlen, inner, embed], _ONE, inner), (1.0, [batch, qlen, embed], _ONE, embed)]
+        return terms, True
     return [], False
 
 
@@ -376,9 +388,11 @@ def profile_model(
     ]
     base = np.array(quantities.values)
     columns: dict[str, np.ndarray] = {}
-    left_whole: dict[str, str] = {}
     modules = dict(model.named_modules())
+    left_whole = {g.name: _why(g, modules, surgeon.whole[g.name]) for g in raw_groups if g.name in surgeon.whole}
     for group in raw_groups:
+        if group.name in left_whole:
+            continue
         step = group.step
         if group.channels <= step:
             columns[group.name] = np.zeros(len(base))  # the group cannot lose a unit and keep one

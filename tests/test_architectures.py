@@ -119,11 +119,120 @@ def test_a_layer_that_cannot_be_pruned_is_left_whole_with_the_reason():
     _check_plan(model, profile, ap.uniform_plan(profile, ap.Budget(flops=0.7)))
 
 
-def test_a_model_torch_pruning_cannot_trace_is_refused_cleanly():
+def test_a_model_torch_pruning_cannot_trace_is_refused_cleanly(monkeypatch):
     torchvision = pytest.importorskip("torchvision")
+    from torchvision.models import shufflenetv2
+
+    def permuted_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+        # The channel shuffle spelled with permute, which autoprune does not map: Torch-Pruning
+        # then fails on it (ZeroDivisionError), as it did on every shuffle before.
+        b, c, h, w = x.shape
+        return x.view(b, groups, c // groups, h, w).permute(0, 2, 1, 3, 4).reshape(b, c, h, w)
+
+    monkeypatch.setattr(shufflenetv2, "channel_shuffle", permuted_shuffle)
     model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
     with pytest.raises(ap.UnsupportedModelError, match="Torch-Pruning cannot trace the channel dependencies"):
         ap.profile_model(model, torch.zeros(1, 3, 32, 32))
+
+
+def _random_input_matches(pruned, zeroed, shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = pruned(x), zeroed(x)
+    assert (b[0] - b[1]).abs().max() > 0.1 * b.abs().max()  # a check that could fail: outputs depend on the input
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_channel_shuffles_couple_the_right_channels_and_leave_the_trunk_whole():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).train()
+    for m in model.modules():  # BatchNorm statistics as a trained model has them (else outputs fade to the bias)
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    with torch.no_grad():
+        model(torch.randn(8, 3, 32, 32))
+    model.eval()
+    x = torch.zeros(1, 3, 32, 32)
+    profile = ap.profile_model(model, x)
+    whole = dict(profile.left_whole)
+    # Branch outputs enter the shuffle: they must lose the same positions in both halves, which a
+    # group cannot say, so they stay whole; the branches' inner widths and conv1/conv5 are pruned.
+    assert "stage2.3.branch2.5" in whole and "channel shuffle" in whole["stage2.3.branch2.5"]
+    assert {"conv1.0", "conv5.0", "stage2.0.branch2.3", "stage4.3.branch2.3"} <= set(profile.names)
+    plan = ap.uniform_plan(profile, ap.Budget(flops=0.5))
+    surgeon = pruning.Surgeon(model, x)
+    counted, _ = pruning.count_macs_params(surgeon.prune(plan.kept), x)
+    assert abs(profile.macs_of(plan.kept) - counted) <= 0.005 * counted and counted <= 0.5 * profile.macs
+    assert _random_input_matches(surgeon.prune(plan.kept), surgeon.zeroed_copy(plan.kept), (2, 3, 32, 32)) < 1e-4
+    # Pruned anyway, a trunk group (identity or not) breaks the function: why it is left whole.
+    trunk = {"stage4.3.branch2.5": 94}
+    assert _random_input_matches(surgeon.prune(trunk), surgeon.zeroed_copy(trunk), (2, 3, 32, 32)) > 1e-2
+
+
+def _tiny_torchvision_vit():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=4,
+                                                 hidden_dim=32, mlp_dim=64, num_classes=10)
+    torch.nn.init.normal_(model.heads.head.weight, std=0.5)  # torchvision starts it at zero
+    return model.eval(), torch.zeros(1, 3, 16, 16)
+
+
+def test_torchvision_attention_is_pruned_by_whole_heads_exactly():
+    from autoprune.pruning._attention import HeadPrunedMultiheadAttention
+
+    model, x = _tiny_torchvision_vit()
+    profile = ap.profile_model(model, x)
+    heads = [g for g in profile.groups if g.kind == "heads"]
+    names = [f"encoder.layers.encoder_layer_{i}.self_attention" for i in range(2)]
+    assert [g.name for g in heads] == names
+    assert all(g.channels == 96 and g.unit == 8 and g.divisor == 3 and not g.embedding for g in heads)
+    # In network order: each layer's heads before its MLP.
+    assert profile.names.index(names[1]) < profile.names.index("encoder.layers.encoder_layer_1.mlp.0")
+    scores = pruning.channel_scores(model, x, pruning.make_importance("l1"))
+    kept = {names[0]: 48, names[1]: 24, "encoder.layers.encoder_layer_1.mlp.0": 32}  # 2 and 1 of 4 heads
+    surgeon = pruning.Surgeon(model, x)
+    pruned = surgeon.prune(kept, scores)
+    attention = [m for m in pruned.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert [type(m) for m in attention] == [HeadPrunedMultiheadAttention] * 2
+    assert [(m.num_heads, m.head_dim, m.embed_dim, m.in_proj_weight.shape[0]) for m in attention] == [
+        (2, 8, 32, 48), (1, 8, 32, 24)]
+    counted, params = pruning.count_macs_params(pruned, x)
+    assert abs(profile.macs_of(kept) - counted) <= 1e-9 * counted and params == profile.params_of(kept)
+    assert _random_input_matches(pruned, surgeon.zeroed_copy(kept, scores), (3, 3, 16, 16)) < 1e-5
+    # The removed heads are the least important ones.
+    per_head = scores[names[0]][:96 // 3:8]
+    kept_rows = attention[0].in_proj_weight[:16]
+    dense_q = model.encoder.layers.encoder_layer_0.self_attention.in_proj_weight[:32].reshape(4, 8, 32)
+    kept_heads = [h for h in range(4) if any(torch.equal(dense_q[h], kept_rows[i * 8:(i + 1) * 8]) for i in range(2))]
+    assert sorted(kept_heads) == sorted(np.argsort(per_head)[2:].tolist())
+
+
+def test_head_pruned_attention_saves_loads_and_restores_in_place(tmp_path):
+    from autoprune.pruning._attention import HeadPrunedMultiheadAttention
+
+    model, x = _tiny_torchvision_vit()
+    profile = ap.profile_model(model, x)
+    plan = ap.uniform_plan(profile, ap.Budget(flops=0.6))
+    assert any(plan.kept[g.name] < g.channels for g in profile.groups if g.kind == "heads")
+    pruned = ap.apply_plan(model, plan)
+    ap.save_pruned(pruned, plan, tmp_path / "model.pt")
+    loaded, _ = ap.load_pruned(tmp_path / "model.pt", model)
+    batch = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(batch), pruned(batch))
+    # need_weights=True (the other path through the pruned attention) computes the same output.
+    attention = next(m for m in pruned.modules() if isinstance(m, HeadPrunedMultiheadAttention))
+    tokens = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        fast, _ = attention(tokens, tokens, tokens, need_weights=False)
+        slow, weights = attention(tokens, tokens, tokens, need_weights=True)
+    assert torch.allclose(fast, slow, atol=1e-6) and weights.shape == (2, 5, 5)
+    surgeon = pruning.Surgeon(model, x)
+    with surgeon.pruned_in_place(plan.kept):
+        pass
+    assert all(type(m) is torch.nn.MultiheadAttention for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention))
 
 
 def test_a_model_with_nothing_prunable_is_refused_naming_the_layers():

@@ -190,7 +190,8 @@ def _free_port() -> int:
 
 def test_the_mlflow_server_dies_with_a_killed_ui(workdir):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", "ui", "--workdir", str(workdir), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", "ui", "--workdir", str(workdir), "--port", str(port),
+                             "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline, status = time.time() + 120, None
@@ -224,6 +225,16 @@ def test_ui_on_a_busy_port_fails(capsys, workdir):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code = run(["ui", "--workdir", str(workdir), "--port", str(port)])
+        code = run(["ui", "--workdir", str(workdir), "--port", str(port),
+                    "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}"])
     out = "".join(capsys.readouterr())
     assert code == 2 and f"--port {port}" in out and "Traceback" not in out
+
+
+def test_ui_where_nothing_was_searched_says_so_and_creates_nothing(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AUTOPRUNE_HOME", raising=False)
+    code = run(["ui", "--port", str(_free_port())])
+    err = capsys.readouterr().err
+    assert code == 2 and "No searches tracked in" in err and "--workdir" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # no empty ./autoprune-runs left behind

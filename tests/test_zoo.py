@@ -19,12 +19,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from zoo import check_model  # noqa: E402
 
-from autoprune.pruning import _graph  # noqa: E402
+from autoprune.pruning import _trace  # noqa: E402
 
 #: The one place that says what autoprune cannot prune yet, and why; each must be refused cleanly.
 UNSUPPORTED = {
-    # Torch-Pruning's reshape index mapping divides by zero on the channel shuffle.
-    "shufflenet_v2_*": "Torch-Pruning cannot trace the channel dependencies",
     # Its index mappings through the window partition grow without bound (Swin-T, V2) or fail
     # outright (Swin-S, Swin-B: a shape it cannot infer).
     "swin_*": "did not finish|cannot trace the channel dependencies",
@@ -56,7 +54,7 @@ def test_every_family_of_the_zoo_is_covered():
 def test_zoo_model_prunes_exactly_or_is_refused_cleanly(name, monkeypatch):
     # Swin's refusal comes from a limit on Torch-Pruning's dependency analysis; a lower one here
     # keeps the test fast (the default is 120 s and 6 GiB).
-    monkeypatch.setattr(_graph, "TRACE_LIMITS", (20.0, 1.5 * 2**30))
+    monkeypatch.setattr(_trace, "TRACE_LIMITS", (20.0, 1.5 * 2**30))
     threads = torch.get_num_threads()
     try:
         row = check_model(name, threads=threads)
@@ -66,5 +64,8 @@ def test_zoo_model_prunes_exactly_or_is_refused_cleanly(name, monkeypatch):
     if refusal is None:
         assert row["status"] == "ok", row
         assert row["macs_error"] <= 0.005 and row["groups"] > 0
+        # Exact, not only shaped right: the pruned model computes what the dense one does with the
+        # removed channels zeroed (on every group not feeding a LayerNorm, which zeros would shift).
+        assert row["exact_groups"] > 0 and row["exact_error"] <= 1e-3, row
     else:
         assert row["status"] == "refused" and re.search(refusal, row["reason"]), row

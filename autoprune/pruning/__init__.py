@@ -9,7 +9,6 @@ parameters the way Torch-Pruning does (``_counting``).
 
 from ._counting import CallRecord, count_macs_params, trace_calls
 from ._graph import (
-    TRACE_LIMITS,
     RawGroup,
     Surgeon,
     _block_indices,
@@ -18,6 +17,7 @@ from ._graph import (
     prune_copy,
     shape_copy,
 )
+from ._trace import TRACE_LIMITS
 from .importance import (
     IMPORTANCE_NAMES,
     BNScaleImportance,

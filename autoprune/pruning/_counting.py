@@ -14,6 +14,7 @@ from torch import nn
 from torch_pruning.utils.op_counter import MODULES_MAPPING as _COUNTED_TYPES
 
 
+from ._attention import HeadPrunedMultiheadAttention, inner_width
 from ._graph import _forward_with_hook
 
 def count_macs_params(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]:
@@ -57,6 +58,22 @@ for _t in _COUNTED_TYPES:
         _KIND_BY_TYPE[_t] = "activation"
     else:
         _KIND_BY_TYPE[_t] = "other"
+_KIND_BY_TYPE[HeadPrunedMultiheadAttention] = "attention"
+
+
+def _modeled_attention(module: nn.Module) -> bool:
+    """An attention whose count the cost model reproduces: q, k and v from inputs of one width,
+    packed, without the extra key/value options."""
+    return (isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim
+            and module.bias_k is None and not module.add_zero_attn)
+
+
+def _attention_sizes(module: nn.MultiheadAttention, inputs: tuple) -> dict[str, int]:
+    query, key, value = inputs[:3]
+    seq = 1 if module.batch_first else 0
+    return {"attn.batch": int(query.shape[1 - seq]), "attn.qlen": int(query.shape[seq]),
+            "attn.klen": int(key.shape[seq]), "attn.vlen": int(value.shape[seq]), "attn.embed": int(query.shape[-1]),
+            "attr.inner": inner_width(module), "attr.num_heads": int(module.num_heads)}
 
 
 def trace_calls(model: nn.Module, example_input: torch.Tensor) -> tuple[list[CallRecord], dict[str, tuple[int, ...]]]:
@@ -67,6 +84,10 @@ def trace_calls(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Cal
     def hook(module: nn.Module, inputs: tuple, output: object) -> None:
         kind = _KIND_BY_TYPE[type(module)]
         sizes: dict[str, int] = {}
+        if isinstance(module, nn.MultiheadAttention) and _modeled_attention(module) and len(inputs) >= 3 \
+                and all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in inputs[:3]):
+            kind = "attention"
+            sizes.update(_attention_sizes(module, inputs))
         if inputs and isinstance(inputs[0], torch.Tensor):
             sizes.update({f"in.{i}": int(d) for i, d in enumerate(inputs[0].shape)})
         if isinstance(output, torch.Tensor):
@@ -80,7 +101,7 @@ def trace_calls(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Cal
         records.append(
             CallRecord(
                 module=names[module], kind=kind, sizes=sizes,
-                has_bias=getattr(module, "bias", None) is not None,
+                has_bias=getattr(module, "bias", getattr(module, "in_proj_bias", None)) is not None,
                 affine=bool(getattr(module, "affine", getattr(module, "elementwise_affine", False))),
             )
         )

@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import signal
-import threading
-import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -23,10 +19,15 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..errors import ConfigError, UnsupportedModelError
+from ..errors import ConfigError
+from ._attention import cut_heads, inner_width, prunable_heads, zero_heads
+from ._trace import build_graph, trace_limits
 
 
 _ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+#: Layers whose output channels depend on other channels' values beyond a weighted sum.
+_CHANNEL_MIXING = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.MultiheadAttention,
+                   nn.modules.instancenorm._InstanceNorm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,10 +79,12 @@ def _forward_with_hook(
 
 
 def _execution_order(model: nn.Module, example_input: torch.Tensor) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every leaf module call of one forward pass, in call order."""
+    """(name, module) of every leaf module call of one forward pass, in call order; attention
+    modules count as leaves (their output projection is not called as a module)."""
     order: list[tuple[str, nn.Module]] = []
     names = {m: n for n, m in model.named_modules()}
-    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    leaves = [m for m in model.modules()
+              if not any(True for _ in m.children()) or isinstance(m, nn.MultiheadAttention)]
     _forward_with_hook(model, example_input, leaves, lambda mod, i, o: order.append((names[mod], mod)))
     return order
 
@@ -104,12 +107,13 @@ def _ignored_modules(model: nn.Module, example_input: torch.Tensor, ignored: Ite
     return [modules[n] for n in sorted(names)]
 
 
-def _build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+def _build_graph(model: nn.Module, example_input: torch.Tensor) -> tuple[tp.DependencyGraph, set[object]]:
+    """The dependency graph and the nodes of its channel shuffles (see ``_trace``)."""
     with warnings.catch_warnings():
         # Torch-Pruning names every free-standing parameter (ConvNeXt's layer_scale) on every build
         # and prunes its last non-singleton dimension: the channel dimension, as wanted.
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+        return build_graph(model, example_input)
 
 
 def _divisor(graph: tp.DependencyGraph, group: object) -> int:
@@ -160,58 +164,12 @@ def _attention_heads(model: nn.Module, name: str, root: nn.Module) -> tuple[str,
     return parent_name, root.out_features // (3 * heads)
 
 
-#: Limits on Torch-Pruning's resolution of a model's groups (seconds, bytes of memory growth).
-#: It normally takes well under a second per group; on some reshapes (Swin's window partition)
-#: its index mappings grow without bound (18 GB in five minutes for Swin-T at 64x64).
-TRACE_LIMITS = (120.0, 6 * 2**30)
-
-
-def _resident_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-@contextmanager
-def _trace_limits(what: str) -> Iterator[None]:
-    """Stop ``what`` with :class:`UnsupportedModelError` once it passes :data:`TRACE_LIMITS`.
-
-    Checked once a second from SIGALRM, so only on the main thread of a platform that has it
-    (elsewhere the work runs unguarded)."""
-    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    seconds, growth = TRACE_LIMITS
-    start, start_bytes = time.monotonic(), _resident_bytes()
-
-    def check(signum: int, frame: object) -> None:
-        elapsed, grown = time.monotonic() - start, _resident_bytes() - start_bytes
-        if elapsed > seconds or grown > growth:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            raise UnsupportedModelError(
-                f"Torch-Pruning's analysis of which channels depend on each other did not finish ({what}: "
-                f"stopped after {elapsed:.0f} s and {grown / 2**30:.1f} GiB; the limits are {seconds:.0f} s and "
-                f"{growth / 2**30:.0f} GiB). It happens when the forward pass reshapes channels into windows or "
-                "spatial positions (Swin transformers); autoprune cannot prune this model."
-            )
-
-    previous = signal.signal(signal.SIGALRM, check)
-    signal.setitimer(signal.ITIMER_REAL, 1.0, 1.0)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def _groups_of(
     graph: tp.DependencyGraph, model: nn.Module, ignored: list[nn.Module]
 ) -> list[tuple[str, nn.Module, object]]:
     names = {m: n for n, m in model.named_modules()}
     found = []
-    with _trace_limits("grouping layers"):
+    with trace_limits("grouping layers"):
         for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=_ROOT_TYPES):
             root = group[0].dep.target.module
             found.append((names[root], root, group))
@@ -244,7 +202,7 @@ def _network_order(model: nn.Module, example_input: torch.Tensor, groups: list[R
         first_call.setdefault(name, i)
 
     def position(g: int) -> int:
-        outs = [m.rsplit(":", 1)[0] for m in groups[g].members if m.endswith(":out")]
+        outs = [m.rsplit(":", 1)[0] for m in groups[g].members if m.endswith((":out", ":heads"))]
         return min((first_call.get(m, len(first_call)) for m in outs), default=len(first_call))
 
     return sorted(range(len(groups)), key=position)
@@ -258,9 +216,10 @@ class _Cut:
 
     target: str  # module name, or parameter name for a free-standing nn.Parameter
     is_parameter: bool
-    handler: Callable[..., object]  # Torch-Pruning's pruning function for that dimension
+    handler: Callable[..., object]  # Torch-Pruning's pruning function for that dimension (or cut_heads)
     pruning_dim: int
     by_root: Mapping[int, tuple[int, ...]]
+    out_side: bool = False  # the layer's outputs lose these indices (not its inputs)
 
 
 @dataclass(frozen=True)
@@ -269,6 +228,20 @@ class _GroupCuts:
     blocks: int
     cuts: tuple[_Cut, ...]
     unit: int = 1
+
+
+def _attention_head_groups(model: nn.Module, ignored: list[nn.Module]) -> list[tuple[RawGroup, _GroupCuts]]:
+    """A ``heads`` group per nn.MultiheadAttention whose heads can go (see ``_attention``): its
+    packed q/k/v projection's rows in three blocks, a head's rows as the unit."""
+    found = []
+    for name, module in model.named_modules():
+        if module in ignored or not prunable_heads(module):
+            continue
+        channels, head_dim = 3 * inner_width(module), module.head_dim
+        cut = _Cut(name, False, cut_heads, 0, {i: (i,) for i in range(channels)}, out_side=True)
+        found.append((RawGroup(name=name, channels=channels, members=(f"{name}:heads",), divisor=3, kind="heads",
+                               unit=head_dim), _GroupCuts(channels, 3, (cut,), unit=head_dim)))
+    return found
 
 
 class Surgeon:
@@ -283,7 +256,7 @@ class Surgeon:
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor, ignored_layers: Iterable[str] = ()) -> None:
         self.model = model.eval()
-        graph = _build_graph(model, example_input)
+        graph, shuffle_nodes = _build_graph(model, example_input)
         ignored = _ignored_modules(model, example_input, ignored_layers)
         names = {m: n for n, m in model.named_modules()}
         parameter_names = dict(graph._param_to_name)
@@ -291,7 +264,12 @@ class Surgeon:
         resolved: list[_GroupCuts] = []
         #: head group name -> (attention module name, head dimension)
         self.heads: dict[str, tuple[str, int]] = {}
+        #: group name -> why it must be left whole although Torch-Pruning couples it correctly
+        self.whole: dict[str, str] = {}
         for name, root, group in _groups_of(graph, model, ignored):  # each with all its channels
+            if any(item.dep.target in shuffle_nodes for item in group):
+                self.whole[name] = ("its channels pass through a channel shuffle, which needs every shuffled "
+                                    "block to lose the same positions; exclude it or leave it whole")
             members: list[str] = []
             cuts = []
             for item in group:
@@ -308,7 +286,8 @@ class Surgeon:
                 if cut_label is None:
                     continue  # a functional op (add, cat, flatten): nothing to cut
                 cuts.append(_Cut(cut_label, is_parameter, dep.handler, int(dep.target.pruning_dim),
-                                 {r: tuple(v) for r, v in by_root.items()}))
+                                 {r: tuple(v) for r, v in by_root.items()},
+                                 out_side=bool(graph.is_out_channel_pruning_fn(dep.handler))))
             channels = int(graph.get_out_channels(root))
             heads = _attention_heads(model, name, root)
             if heads is not None:
@@ -326,6 +305,14 @@ class Surgeon:
             f"{n}:in" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)} | {
             f"{n}:out" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
         raw = [replace(g, embedding=bool(attention_inputs & set(g.members))) for g in raw]
+        for group, cuts in _attention_head_groups(model, ignored):
+            raw.append(group)
+            resolved.append(cuts)
+            for other, other_cuts in zip(raw, resolved):
+                if other.embedding and any(c.target == group.name for c in other_cuts.cuts):
+                    # Torch-Pruning's cut of the stream assumes every head is still there.
+                    self.whole[other.name] = (f"the residual stream of {group.name}, whose heads are pruned instead "
+                                              "(pruning both is not supported)")
         order = _network_order(model, example_input, raw)
         self.raw_groups = [raw[i] for i in order]
         self.groups: dict[str, _GroupCuts] = {raw[i].name: resolved[i] for i in order}
@@ -366,7 +353,8 @@ class Surgeon:
         for module, count in heads.items():
             modules[module].num_heads = count  # the reshape into heads reads it; head_dim stays
         for cut, indices in removals:
-            cut.handler.__self__.pruning_dim = cut.pruning_dim  # type: ignore[attr-defined]  # as Torch-Pruning's Dependency does
+            if hasattr(cut.handler, "__self__"):  # as Torch-Pruning's Dependency does before calling its pruner
+                cut.handler.__self__.pruning_dim = cut.pruning_dim  # type: ignore[attr-defined]
             if cut.is_parameter:
                 owner_name, _, attr = cut.target.rpartition(".")
                 owner = modules[owner_name]
@@ -381,6 +369,49 @@ class Surgeon:
         self._apply(pruned, self._removals(kept, scores), self._heads_after(kept))
         return pruned
 
+    def zeroable(self, name: str) -> bool:
+        """Whether zeroing group ``name``'s channels leaves the other channels' outputs alone: no
+        layer it feeds normalizes across channels (LayerNorm, GroupNorm) or mixes them inside
+        (nn.MultiheadAttention)."""
+        modules = dict(self.model.named_modules())
+        return not any(isinstance(modules.get(cut.target), _CHANNEL_MIXING) and cut.handler is not cut_heads
+                       for cut in self.groups[name].cuts)
+
+    def zeroed_copy(self, kept: Mapping[str, int], scores: Mapping[str, np.ndarray] | None = None) -> nn.Module:
+        """A copy of the dense model whose channels that :meth:`prune` would remove output zeros.
+
+        Removing channels that carry only zeros changes no output, so ``prune(kept, scores)`` and
+        this copy compute the same function exactly when the groups couple the right channels: the
+        check of a pruning's correctness (not only of its shapes). Refuses (ConfigError) a plan
+        whose removed channels feed a layer that normalizes across channels (LayerNorm,
+        GroupNorm), where a zero channel still changes the other channels' outputs.
+        """
+        if unzeroable := [name for name in kept if not self.zeroable(name)]:
+            raise ConfigError(f"Groups {', '.join(unzeroable)} feed a layer that mixes channels through their "
+                              "statistics; zeroing channels is not equivalent to removing them there.")
+        zeroed = copy.deepcopy(self.model).eval()
+        modules = dict(zeroed.named_modules())
+        parameters = dict(zeroed.named_parameters())
+        with torch.no_grad():
+            for cut, indices in self._removals(kept, scores):
+                if cut.is_parameter:
+                    parameters[cut.target].index_fill_(cut.pruning_dim, torch.tensor(indices), 0.0)
+                    continue
+                module = modules[cut.target]
+                if cut.handler is cut_heads:
+                    zero_heads(module, indices)  # type: ignore[arg-type]
+                    continue
+                if not cut.out_side:
+                    continue  # its inputs are zero already
+                if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)):
+                    dim = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+                    for name in ("weight", "bias"):
+                        if (tensor := getattr(module, name, None)) is not None:
+                            tensor.index_fill_(dim if name == "weight" else 0, torch.tensor(indices), 0.0)
+                elif any(True for _ in module.parameters(recurse=False)):
+                    raise ConfigError(f"{cut.target} ({type(module).__name__}): cannot zero its output channels.")
+        return zeroed
+
     @contextmanager
     def pruned_in_place(self, kept: Mapping[str, int]) -> Iterator[nn.Module]:
         """The surgeon's own model cut to ``kept`` for the duration of the block, then restored
@@ -393,14 +424,15 @@ class Surgeon:
         touched |= set(heads)
         # Handlers may also cut a layer's children (an nn.MultiheadAttention prunes its out_proj).
         touched = {name for name in modules if any(name == t or name.startswith(t + ".") for t in touched)}
-        saved = {name: (dict(modules[name].__dict__), dict(modules[name]._parameters), dict(modules[name]._buffers))
-                 for name in touched}
+        saved = {name: (modules[name].__class__, dict(modules[name].__dict__), dict(modules[name]._parameters),
+                        dict(modules[name]._buffers)) for name in touched}
         try:
             self._apply(self.model, removals, heads)
             yield self.model
         finally:
-            for name, (attrs, parameters, buffers) in saved.items():
+            for name, (cls, attrs, parameters, buffers) in saved.items():
                 module = modules[name]
+                module.__class__ = cls  # cut_heads changes an attention's class
                 module.__dict__.clear()
                 module.__dict__.update(attrs)
                 module._parameters.clear()

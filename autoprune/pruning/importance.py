@@ -15,7 +15,9 @@ from torch import nn
 
 from ..errors import ConfigError
 
+from ._attention import head_scores, prunable_heads
 from ._graph import _attention_heads, _build_graph, _divisor, _groups_of, _ignored_modules
+
 # ----------------------------------------------------------------------------------------------
 # Importance criteria
 
@@ -143,7 +145,7 @@ def channel_scores(
         work.zero_grad(set_to_none=True)
         for x, y in batches:
             loss_fn(work(x), y).backward()
-    graph = _build_graph(work, example_input)
+    graph, _ = _build_graph(work, example_input)
     ignored = _ignored_modules(work, example_input, ignored_layers)
     scores = {}
     for name, root, group in _groups_of(graph, work, ignored):
@@ -157,6 +159,9 @@ def channel_scores(
             per_unit = values.reshape(blocks, -1, unit).mean(axis=(0, 2))
             values = np.tile(np.repeat(per_unit, unit), blocks)
         scores[name] = values
+    for name, module in work.named_modules():
+        if module not in ignored and prunable_heads(module):
+            scores[name] = head_scores(module, importance.name, name, getattr(importance, "seed", 0))
     return scores
 
 
