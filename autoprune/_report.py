@@ -106,6 +106,8 @@ class ExportReport:
         latency: dense and exported latency.
         formats: the deployable files written and how they compare with PyTorch.
         mlflow_location: the MLflow run and artifact folder of this export (each export its own).
+        figures: the PNG files written beside the report (score against MACs with the exported plan
+            marked, the plan's ratios per group), each with what it shows.
         latency_budget: how the search's best plans measured after a latency search.
         differences: ``<split>_searched_minus_uniform``, ``<split>_searched_minus_dense`` and
             ``val_searched_minus_uniform`` (after fine-tuning), each with a paired-bootstrap 95%
@@ -136,6 +138,7 @@ class ExportReport:
     differences: Mapping[str, ScoreDifference] = field(default_factory=dict)
     mlflow_location: str | None = None  # where the search's MLflow run keeps this export
     picked_within: str | None = None
+    figures: Mapping[str, str] = field(default_factory=dict)  # PNG file beside report.md -> what it shows
 
     def latency_misses(self) -> list[str]:
         """Warnings for a latency budget missed, by the search's check or by this export's timing."""
@@ -179,6 +182,7 @@ class ExportReport:
         data["distill"] = dict(self.distill) if self.distill is not None else None
         data["precision"] = self.precision
         data["differences"] = {name: d.to_dict() for name, d in self.differences.items()}
+        data["figures"] = dict(self.figures)
         if self.latency_budget is not None:
             data["latency_budget"] = self.latency_budget.to_dict()  # the search's check; "latency" has this export's
         if d.subsets:
@@ -241,6 +245,8 @@ def report_markdown(r: ExportReport) -> str:
         else:
             lines.append(f"- {name}: not written ({info['error']})")
     lines.append("")
+    if r.figures:
+        lines += ["## Figures", "", *[f"![{caption}]({name})" for name, caption in r.figures.items()], ""]
     return "\n".join(lines)
 
 

@@ -264,7 +264,7 @@ def export(
         report = export_study(study, out, storage=storage, finetune_epochs=finetune_epochs, schedule=schedule,
                               budget=budget, workdir=workdir, data_root=data_root, tracking_uri=tracking_uri,
                               choose=choose, distill=distill, precision=precision)
-    console.print((report.out_dir / "report.md").read_text())
+    console.print((report.out_dir / "report.md").read_text(), markup=False)  # Markdown: [text](file) is no tag
     console.print(f"wrote {report.out_dir}: {', '.join(sorted(p.name for p in report.out_dir.iterdir()))}")
     if report.mlflow_location:
         console.print(f"logged to {report.mlflow_location}", highlight=False)

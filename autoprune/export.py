@@ -11,8 +11,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,11 +21,13 @@ import torch
 from torch import nn
 
 from . import pruning
+from ._bundle import built_whole, check_out_dir
 from ._compare import ScoreDifference, paired_difference
+from ._export_figures import write_export_figures
 from ._latency_check import LatencyBudgetWarning, LatencyCheck
 from ._onnx import BATCH, check_onnx, onnx_runtime_latency, write_onnx
 from ._report import ExportReport, LatencyReport, ModelRow, report_markdown, uniform_wins_on_val
-from ._workdir import pid_alive, resolve_workdir, searched_workdir
+from ._workdir import resolve_workdir, searched_workdir
 from .budget import Budget, uniform_plan
 from .errors import ConfigError, StudyError, short
 from .latency import build_predictor, measure_many, simd_round_to
@@ -190,7 +190,7 @@ def export_study(
     if not isinstance(finetune_epochs, (int, float)) or not math.isfinite(finetune_epochs) or finetune_epochs < 0:
         raise ConfigError(f"--finetune-epochs must be a finite number >= 0, got {finetune_epochs}.")
     out_dir = Path(out).resolve()
-    _check_out_dir(out_dir)
+    check_out_dir(out_dir)
     inputs = _load_inputs(study_name, storage=storage, budget=budget, workdir=workdir, data_root=data_root,
                           tracking_uri=tracking_uri, task=task)
     chosen_precision = resolve_precision(precision, model=inputs.task.model, example_input=inputs.task.example_input)
@@ -200,7 +200,7 @@ def export_study(
     report, plan, model = _measure(inputs, out_dir, searched_model, uniform_plan_, uniform_model,
                                    finetune_epochs=finetune_epochs, schedule=plan_schedule, choose=choose,
                                    distill=distill, precision=chosen_precision)
-    report = _write_bundle(out_dir, report, model, plan, inputs.task)
+    report = _write_bundle(out_dir, report, model, plan, inputs)
     report = replace(report, mlflow_location=_log_export(inputs, report, workdir))
     for miss in report.latency_misses():
         warnings.warn(miss, LatencyBudgetWarning, stacklevel=2)
@@ -353,12 +353,10 @@ def _measure(inputs: _Inputs, out_dir: Path, searched_model: nn.Module, uniform:
     return report, plan, model
 
 
-def _write_bundle(out_dir: Path, report: ExportReport, model: nn.Module, plan: Plan, task: Task) -> ExportReport:
+def _write_bundle(out_dir: Path, report: ExportReport, model: nn.Module, plan: Plan, inputs: _Inputs) -> ExportReport:
     """Write the export into a directory beside ``out_dir`` and rename it there whole."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(out_dir)}{os.getpid()}-", dir=out_dir.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the export is as shareable as any file
-    try:
+    task = inputs.task
+    with built_whole(out_dir) as tmp:
         plan.save(tmp / "plan.json")
         save_pruned(model, plan, tmp / "model.pt")
         formats = write_deployables(model, task.example_input, tmp)
@@ -366,15 +364,15 @@ def _write_bundle(out_dir: Path, report: ExportReport, model: nn.Module, plan: P
         if "file" in formats["onnx"] and latency is not None:
             latency = replace(latency, onnxruntime=onnx_runtime_latency(task.model, tmp / "model.onnx",
                                                                         task.example_input, latency.settings))
-        report = replace(report, formats=formats, latency=latency)
+        budget = inputs.settings.space.budget_obj
+        marked = inputs.picked_within.fraction(inputs.profile) if inputs.picked_within else (
+            budget.value if budget.metric == "flops" and budget.is_fraction else None)
+        figures = write_export_figures(
+            tmp, inputs.study, inputs.chosen, plan=plan, exported=report.exported, budget_fraction=marked,
+            title=f"{report.task}, study {report.study} (budget {inputs.picked_within or budget})")
+        report = replace(report, formats=formats, latency=latency, figures=figures)
         (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         (tmp / "report.md").write_text(report_markdown(report))
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 
@@ -406,34 +404,3 @@ def _log_export(inputs: _Inputs, report: ExportReport, workdir: str | os.PathLik
         **({"export_speedup_onnxruntime": ort["speedup"]} if "speedup" in ort else {}),
     }, step=number)
     return f"MLflow run {record.mlflow_run_id}, artifacts {folder}/"
-
-
-# -- the output directory ------------------------------------------------------------------------
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    """Refuse, before any fine-tuning, an --out that exists or cannot be created; clear what a
-    killed export of the same --out left behind."""
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ConfigError(f"--out {out_dir} already exists and is not empty; choose a new directory.")
-    parent = next((p for p in out_dir.parents if p.exists()), None)
-    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out_dir} cannot be created: {parent or out_dir.anchor} is not a writable "
-                          "directory. Choose an --out under a directory you can write.")
-    if out_dir.parent.is_dir():
-        prefix = _partial_prefix(out_dir)
-        for leftover in out_dir.parent.glob(f"{prefix}*"):
-            pid = leftover.name[len(prefix):].split("-", 1)[0]
-            if leftover.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
-                shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _partial_prefix(out_dir: Path) -> str:
-    # The export is built beside --out under this name plus the builder's pid, then renamed.
-    return f".{out_dir.name}.partial-"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

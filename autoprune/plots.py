@@ -36,15 +36,16 @@ def score_vs_macs(
     budget_fraction: float | None,
     title: str,
     chosen: Marked | None = None,
+    chosen_label: str = "chosen",
 ) -> Figure:
     """Validation score against MACs ratio of every trial, the Pareto front, the baselines, and the
-    ``chosen`` trial (x, score, number)."""
+    ``chosen`` trial (x, score, number), labelled ``chosen_label (trial n)``."""
     fig, ax = _score_vs_cost(points, baselines)
     xs = [p[0] for p in points] + [x for x, _ in baselines.values()]
     if budget_fraction is not None:
         ax.axvline(budget_fraction, color="gray", ls="--", lw=1, label="budget")
         xs.append(budget_fraction)
-    _mark_chosen(ax, chosen, "chosen")
+    _mark_chosen(ax, chosen, chosen_label)
     # Every trial of a budgeted search sits just under the budget: a 0.1-wide window keeps the
     # ticks to a few short labels instead of offsets and five-decimal ones on top of each other.
     _readable(ax.xaxis, ax.set_xlim, xs, min_span=0.1)

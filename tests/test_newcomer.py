@@ -4,10 +4,16 @@ instead of creating an empty workdir or contradicting themselves."""
 
 from __future__ import annotations
 
-from conftest import REPO
+import json
+
+import optuna
+import pytest
+from conftest import REPO, mlflow_runs
 
 import autoprune as ap
+from autoprune import plots
 from autoprune.cli import run
+from autoprune.study import stored_trials
 
 SPACE = str(REPO / "search_spaces" / "default.yaml")
 
@@ -28,9 +34,12 @@ def test_train_of_a_user_task_says_it_brings_its_own_model(capsys, tmp_path):
     assert not (tmp_path / "home").exists()
 
 
-def test_export_of_a_pareto_front_by_budget_writes_budgets_as_the_cli_does(capsys, workdir, tmp_path):
+def test_export_of_a_pareto_front_by_budget_writes_budgets_as_the_cli_does_and_its_figures(
+        capsys, workdir, tmp_path, monkeypatch):
     result = ap.search(SPACE, objective="pareto", strategy="random", n_trials=3, workdir=workdir,
                        show_progress=False)
+    drawn = []  # every figure export draws, as it closes them
+    monkeypatch.setattr(plots, "close", drawn.append)
     out_dir = tmp_path / "exported"
     code, out, err = _cli(capsys, "export", "--study", result.study_name, "--out", str(out_dir), "--budget",
                           "flops=0.6", "--finetune-epochs", "0", "--threads", "1", "--workdir", str(workdir))
@@ -39,6 +48,28 @@ def test_export_of_a_pareto_front_by_budget_writes_budgets_as_the_cli_does(capsy
     chosen = ap.Plan.load(out_dir / "plan.json")
     assert f"Budget {ap.Budget.from_dict(chosen.budget)} (the best trial within export --budget flops=0.6);" in report
     assert "{'" not in report and "{'" not in out  # no Python dicts in what the user reads
+
+    # The figures: PNG files beside the report, listed in report.md and report.json, logged with the export.
+    figures = json.loads((out_dir / "report.json").read_text())["figures"]
+    assert list(figures) == ["score_vs_macs.png", "plan_ratios.png"]
+    for name, caption in figures.items():
+        assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"![{caption}]({name})" in report
+    macs, ratios = drawn
+    trial = chosen.provenance["trial"]
+    ax = macs.axes[0]
+    marker = next(c for c in ax.collections if c.get_gid() == "chosen")
+    stored = next(t for t in stored_trials(optuna.load_study(study_name=result.study_name,
+                                                             storage=result.storage_url)) if t.number == trial)
+    assert tuple(marker.get_offsets()[0]) == pytest.approx((stored.result.macs_ratio, stored.result.val_score))
+    assert f"exported (trial {trial})" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(ax.collections[0].get_offsets()) == result.n_finished  # every trial of the study
+    assert 0.6 in [line.get_xdata()[0] for line in ax.get_lines()]  # the --budget it was picked within
+    bars = ratios.axes[0].patches
+    assert [b.get_height() for b in bars] == pytest.approx(list(chosen.ratios.values()))
+    client, parents, _ = mlflow_runs(workdir)
+    logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "export/1-exported")}
+    assert {"export/1-exported/score_vs_macs.png", "export/1-exported/plan_ratios.png"} <= logged
 
 
 def test_export_and_studies_outside_the_searchs_directory_name_it_and_create_nothing(capsys, tmp_path, monkeypatch):
