@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import _progress  # noqa: F401  first: it imports tqdm.auto quietly, before Optuna does (see there)
 from .budget import Budget, global_plan, project, uniform_plan
 from .errors import (
     AutopruneError,

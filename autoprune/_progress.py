@@ -1,8 +1,10 @@
-"""Progress display: a live rich bar on a terminal, periodic plain lines otherwise (logs, CI)."""
+"""Progress display: a live rich bar on a terminal, periodic plain lines otherwise (logs, CI, and
+notebooks, where a live display would need ipywidgets)."""
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -17,6 +19,17 @@ from rich.progress import (
 )
 
 __all__ = ["progress_bar", "note"]
+
+with warnings.catch_warnings():
+    # Optuna imports tqdm.auto, which in a Jupyter kernel without ipywidgets warns "IProgress not
+    # found" and falls back to text bars. autoprune draws no tqdm bar (its progress is the rich
+    # display below, plain lines in a notebook), so the warning would only send users to install
+    # ipywidgets for nothing. Imported once here, quietly, tqdm.auto is not imported again.
+    warnings.filterwarnings("ignore", message="IProgress not found")
+    try:
+        import tqdm.auto  # noqa: F401
+    except ImportError:  # tqdm comes with Optuna; without it there is nothing to quiet
+        pass
 
 _LOG_EVERY_SECONDS = 30.0
 

@@ -1,16 +1,19 @@
-"""Figures of a search, drawn with matplotlib's Agg backend (no display needed)."""
+"""Figures of a search, drawn on matplotlib's Agg canvas (no display needed).
+
+The figures are not pyplot's: pyplot's backend and list of open figures belong to the user. A
+figure pyplot knew of would be shown a second time at the end of a notebook cell that returns it,
+and choosing a backend here would stop the user's own plots from showing inline.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.axis import Axis  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
+from matplotlib.axes import Axes
+from matplotlib.axis import Axis
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
 __all__ = ["score_vs_macs", "score_vs_latency", "plan_ratios", "history", "pareto_indices", "close", "Figure"]
 
@@ -88,9 +91,15 @@ def score_vs_latency(
                      "validation score (before fine-tuning)", title)
 
 
+def _new_figure(width: float, height: float) -> tuple[Figure, Axes]:
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)  # draws and saves without pyplot
+    return fig, fig.subplots()
+
+
 def _score_vs_cost(points: Sequence[tuple[float, float]],
-                   baselines: Mapping[str, tuple[float, float]]) -> tuple[Figure, plt.Axes]:
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+                   baselines: Mapping[str, tuple[float, float]]) -> tuple[Figure, Axes]:
+    fig, ax = _new_figure(6.4, 4.4)
     if points:
         ax.scatter([p[0] for p in points], [p[1] for p in points], s=14, alpha=0.6, label="trials")
         front = [points[i] for i in pareto_indices(points)]
@@ -101,7 +110,7 @@ def _score_vs_cost(points: Sequence[tuple[float, float]],
     return fig, ax
 
 
-def _mark_chosen(ax: plt.Axes, chosen: Marked | None, label: str) -> None:
+def _mark_chosen(ax: Axes, chosen: Marked | None, label: str) -> None:
     if chosen is not None:
         x, y, number = chosen
         ax.scatter([x], [y], marker="*", s=260, color="gold", edgecolor="black", zorder=6,
@@ -127,7 +136,7 @@ def _readable(axis: Axis, set_limits: Callable[[float, float], object], values: 
     axis.set_major_formatter(formatter)
 
 
-def _labelled(fig: Figure, ax: plt.Axes, xlabel: str, ylabel: str, title: str) -> Figure:
+def _labelled(fig: Figure, ax: Axes, xlabel: str, ylabel: str, title: str) -> Figure:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -140,7 +149,7 @@ def _labelled(fig: Figure, ax: plt.Axes, xlabel: str, ylabel: str, title: str) -
 def plan_ratios(ratios: Mapping[str, float], *, title: str) -> Figure:
     """Fraction of channels removed per group of one plan, in network order."""
     names = list(ratios)
-    fig, ax = plt.subplots(figsize=(max(6.4, 0.28 * len(names) + 2), 4.0))
+    fig, ax = _new_figure(max(6.4, 0.28 * len(names) + 2), 4.0)
     ax.bar(range(len(names)), [ratios[n] for n in names], color="tab:blue")
     ax.set_xticks(range(len(names)), names, rotation=75, ha="right", fontsize=7)
     ax.set_ylabel("fraction of channels removed")
@@ -152,7 +161,7 @@ def plan_ratios(ratios: Mapping[str, float], *, title: str) -> Figure:
 
 def history(numbers: Sequence[int], scores: Sequence[float], *, title: str) -> Figure:
     """Each trial's score and the best so far, by trial number."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = _new_figure(6.4, 4.0)
     ax.scatter(numbers, scores, s=12, alpha=0.6, label="trial")
     best, running = [], float("-inf")
     for s in scores:
@@ -163,4 +172,5 @@ def history(numbers: Sequence[int], scores: Sequence[float], *, title: str) -> F
 
 
 def close(fig: Figure) -> None:
-    plt.close(fig)
+    """Free a figure's drawing now (pyplot never held it: nothing else refers to it)."""
+    fig.clear()
