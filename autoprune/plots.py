@@ -7,9 +7,7 @@ and choosing a backend here would stop the user's own plots from showing inline.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.axis import Axis
@@ -174,18 +172,5 @@ def history(numbers: Sequence[int], scores: Sequence[float], *, title: str) -> F
 
 
 def close(fig: Figure) -> None:
-    """Free a figure's drawing now; one drawn through pyplot is also closed there."""
-    pyplot = sys.modules.get("matplotlib.pyplot")
-    if pyplot is not None:
-        pyplot.close(fig)  # nothing happens for the figures of this module, which pyplot never held
+    """Free a figure's drawing now."""
     fig.clear()
-
-
-def __getattr__(name: str) -> Any:
-    # benchmarks/search_quality.py draws its own figures with ``plots.plt``; pyplot is imported for
-    # it on first use only, so that importing autoprune leaves pyplot (and its backend) alone.
-    if name == "plt":
-        import matplotlib.pyplot
-
-        return matplotlib.pyplot
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

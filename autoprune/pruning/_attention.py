@@ -146,7 +146,7 @@ def head_scores(module: nn.MultiheadAttention, criterion: str, name: str, seed: 
     q, k and v (a head goes whole), normalized by its mean: the magnitude (``l2``: L2 norm, else
     L1) of the head's q, k, v rows and its output-projection columns, or with ``taylor`` of
     weight times gradient where gradients were computed; ``random`` is seeded per group."""
-    inner, heads = inner_width(module), module.num_heads
+    heads = module.num_heads
     if criterion == "random":
         digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
         per_head = np.random.default_rng(int.from_bytes(digest[:8], "little")).random(heads)
