@@ -90,7 +90,8 @@ class Lattice:
 
 class Cost:
     """What a budget measures of a kept vector (profile order): MACs or parameters from the
-    profile's analytic cost model, or milliseconds from a latency predictor."""
+    profile's analytic cost model, milliseconds from a latency predictor, or (sparsity mode) the
+    nonzero weights or the compressed bytes, both linear in the weights kept."""
 
     def __init__(self, profile: ModelProfile, budget: Budget, latency: LatencyModel | None) -> None:
         self.budget = budget
@@ -100,6 +101,10 @@ class Cost:
         if budget.is_latency:
             assert latency is not None  # dense_value refused a latency budget without a predictor
             self._cost: Any = latency.predict_kept
+        elif budget.metric == "nonzeros":
+            self._cost = lambda kept: float(np.sum(kept))
+        elif budget.metric == "size":
+            self._cost = profile.size_of_vector  # type: ignore[attr-defined]  # a SparsityProfile (check_mode)
         else:
             removed_cost = profile.cost.macs if budget.metric == "flops" else profile.cost.params
             self._cost = lambda kept: removed_cost(dense - kept)
@@ -112,7 +117,8 @@ class Cost:
 
     @property
     def unit(self) -> str:
-        return {"flops": "MACs", "params": "parameters"}.get(self.budget.metric, "ms")
+        return {"flops": "MACs", "params": "parameters", "nonzeros": "nonzero weights",
+                "size": "bytes"}.get(self.budget.metric, "ms")
 
 
 def bisect(holds: Any, low: Any, high: Any, *, iterations: int = 50) -> Any:
@@ -141,6 +147,7 @@ class Grid:
     ) -> None:
         if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
             raise ConfigError(f"round_to must be a positive integer, got {round_to!r}.")
+        budget.check_mode(profile.mode)
         self.round_to = round_to
         self.profile = profile
         self.budget = budget
@@ -152,8 +159,9 @@ class Grid:
         self.lo = np.array([self.bounds[n][0] for n in self.names])
         self.hi = np.array([self.bounds[n][1] for n in self.names])
         # Each kept count of a channel group is a multiple of round_to and of its blocks (grouped
-        # convolutions lose channels evenly from every block); a head group steps by one head.
-        steps = [g.step if g.kind == "heads" else math.lcm(round_to, g.step) for g in profile.groups]
+        # convolutions lose channels evenly from every block); a head group steps by one head, a
+        # weight tensor by one weight (by half the tensor under the 2:4 pattern: dense or 2:4).
+        steps = [g.step if g.kind in ("heads", "weights") else math.lcm(round_to, g.step) for g in profile.groups]
         self.lattice = Lattice(self.names, self.dense, self.lo, self.hi, steps)
         self.latency = latency
         self.cost = Cost(profile, budget, latency)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
+import typing
 from typing import Annotated, Any, Optional
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
-__all__ = ["show", "number_check", "Int", "Float", "OptionalInt", "Strict"]
+__all__ = ["show", "number_check", "Int", "Float", "OptionalInt", "Strict", "format_error"]
 
 
 def show(value: Any) -> str:
@@ -54,3 +55,57 @@ OptionalInt = Annotated[Optional[int], number_check(integer=True, optional=True)
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def format_error(source: str, exc: ValidationError, *, root: type[BaseModel], flags: Mapping[str, str] | None = None,
+                 union_tags: Mapping[str, tuple[str, ...]] | None = None) -> str:
+    """One message for all of a file's validation errors: each as ``key 'a.b': what is wrong``, with
+    the allowed keys of a mapping, the command-line option that set a key (``flags``), and without
+    the union tags pydantic puts after a field (``union_tags``: field -> tag names)."""
+    parts = []
+    for err in exc.errors():
+        loc = _without_tags(err["loc"], union_tags or {})
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        label = f"key '{key}'" + (f" (option {flags[key]})" if flags and key in flags else "")
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(root, loc[:-1])
+            msg = f"unknown key; allowed keys here: {', '.join(allowed)}" if allowed else "unknown key"
+        elif err["type"] in ("model_type", "dict_type"):
+            allowed = _allowed_keys(root, loc)
+            msg = ("must be a mapping" + (f" of keys ({', '.join(allowed)})" if allowed else "")
+                   + f", got {show(err.get('input'))}")
+        elif err["type"] == "invalid_key":
+            msg = f"keys must be strings, got {show(err.get('input'))}"
+        elif err["type"] == "literal_error":
+            msg = f"value {show(err.get('input'))} is not allowed; {msg[0].lower() + msg[1:]}"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        elif err["type"] != "missing" and "input" in err:
+            msg = f"{msg} (got {show(err['input'])})"
+        parts.append(f"{label}: {msg.rstrip('.')}")
+    return f"{source} is not a valid search space: " + "; ".join(parts) + "."
+
+
+def _without_tags(loc: tuple[Any, ...], union_tags: Mapping[str, tuple[str, ...]]) -> tuple[Any, ...]:
+    """An error's location without the union tag pydantic puts after a tagged union field."""
+    return loc[:1] + loc[2:] if len(loc) > 1 and loc[1] in union_tags.get(str(loc[0]), ()) else loc
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field's type holds: ``LatencySpec | None`` -> LatencySpec, and so on
+    through unions and Annotated."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _allowed_keys(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    model = root
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        found = _models_in(getattr(field, "annotation", None))
+        if not found:
+            return []
+        model = found[0]
+    return list(model.model_fields)

@@ -42,9 +42,10 @@ def _thinned(front: Sequence[tuple[Plan, TrialResult]], rows: int) -> list[tuple
 def _plan_table(result: SearchResult) -> Table:
     plan = result.best_plan
     table = Table(title=f"best plan of study {escape(result.study_name)} (trial {plan.provenance.get('trial')})")
-    table.add_column("group")
-    table.add_column("channels", justify="right")
-    table.add_column("removed", justify="right")
+    sparse = plan.mode == "sparsity"
+    table.add_column("weight tensor" if sparse else "group")
+    table.add_column("weights" if sparse else "channels", justify="right")
+    table.add_column("zeroed" if sparse else "removed", justify="right")
     for name, (dense, kept) in plan.channels.items():
         table.add_row(escape(name), f"{dense} -> {kept}", f"{plan.ratios[name]:.1%}")
     return table
@@ -78,8 +79,13 @@ def print_search_result(console: Console, result: SearchResult) -> None:
     which = f"highest on the front (trial {result.best_plan.provenance.get('trial')})" if pareto else "best plan"
     console.print(f"{val_score_label(best)}: {which} {best.val_score:.4f} (dense {result.dense_score:.4f}{baselines} "
                   "at the same budget)", highlight=False)
-    console.print(f"MACs {best.macs:,.0f} = {best.macs_ratio:.3f} of dense; params {best.params_ratio:.3f} of dense",
-                  highlight=False)
+    if best.nonzeros is not None and best.size_bytes is not None:
+        pattern = result.best_plan.pattern
+        console.print(f"nonzero weights {best.nonzeros:,.0f} = {best.nonzeros_ratio:.3f} of dense ({pattern}); "
+                      f"compressed size {best.size_bytes:,.0f} bytes = {best.size_ratio:.3f} of dense", highlight=False)
+    else:
+        console.print(f"MACs {best.macs:,.0f} = {best.macs_ratio:.3f} of dense; params {best.params_ratio:.3f} of dense",
+                      highlight=False)
     if result.latency is not None:
         for line in result.latency.lines():
             console.print(escape(line), highlight=False)

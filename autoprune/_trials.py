@@ -40,7 +40,7 @@ from .study import (
     record_evaluation,
     record_mlflow_run,
 )
-from .tracking import Tracker
+from .tracking import TRACKING_PARAM_LIMIT, Tracker
 
 if TYPE_CHECKING:
     from ._workers import Stop
@@ -255,6 +255,10 @@ class TrialRunner(SearchContext):
                 run_id: str, state: Settled) -> TrialOutcome:
         record_evaluation(trial, plan, result, raw)
         metrics = {**result.to_dict(), "flops": result.macs, "flops_ratio": result.macs_ratio}
+        if plan.mode == "sparsity":
+            # The fraction of each tensor's weights zeroed, as metrics MLflow can chart and compare
+            # across trials (the ratio.* params hold the same numbers as text).
+            metrics.update({f"sparsity.{name}": ratio for name, ratio in list(plan.ratios.items())[:TRACKING_PARAM_LIMIT]})
         raw_ratios = {k: v for k, v in raw.items() if k != PARETO_TARGET} if raw is not None else None
         if state == "stopped":
             self.tracker.stop_trial(run_id, ratios=plan.ratios, metrics=metrics, plan_json=plan.to_json(),

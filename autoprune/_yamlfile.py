@@ -1,4 +1,5 @@
-"""Reading a search space file's YAML: UTF-8, duplicate keys refused, YAML 1.2 exponent floats."""
+"""Reading a search space file's YAML: UTF-8, duplicate keys refused, YAML 1.2 exponent floats and no
+base-60 integers."""
 
 from __future__ import annotations
 
@@ -44,6 +45,18 @@ class _SpaceLoader(yaml.SafeLoader):
 _SpaceLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+# YAML 1.1 reads 2:4 as a base-60 integer (124); YAML 1.2 has no base-60 numbers, and a sparsity
+# pattern such as 2:4 must stay the text it looks like.
+_INT = "tag:yaml.org,2002:int"
+_SpaceLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _INT]
+    for first, resolvers in _SpaceLoader.yaml_implicit_resolvers.items()
+}
+_SpaceLoader.add_implicit_resolver(
+    _INT,
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
     list("-+0123456789"),
 )
 

@@ -27,6 +27,7 @@ __all__ = [
     "Bounds",
     "LatencyModel",
     "DEFAULT_RATIO_RANGE",
+    "DEFAULT_RATIO_RANGES",
     "resolve_bounds",
     "project",
     "reachable_range",
@@ -35,8 +36,13 @@ __all__ = [
 ]
 
 DEFAULT_RATIO_RANGE: tuple[float, float] = (0.0, 0.8)
+#: Default ratio range per mode: a channel group keeps at least a fifth of its channels; a weight
+#: tensor may lose 99% of its weights (high sparsities need some layers sparser than the target).
+DEFAULT_RATIO_RANGES: Mapping[str, tuple[float, float]] = {"channels": DEFAULT_RATIO_RANGE, "sparsity": (0.0, 0.99)}
 Bounds = Mapping[str, tuple[float, float]]
-_METRICS = ("flops", "params", "latency_ms", "latency")
+_METRICS = ("flops", "params", "latency_ms", "latency", "nonzeros", "size")
+#: What each mode's budgets may limit: channel pruning shrinks compute, weight sparsity storage.
+MODE_METRICS = {"channels": ("flops", "params", "latency_ms", "latency"), "sparsity": ("nonzeros", "size")}
 
 
 class LatencyModel(Protocol):
@@ -56,12 +62,19 @@ class Budget:
     - ``params``: parameters, as a fraction or an absolute count.
     - ``latency_ms``: measured milliseconds per batch on the target device (absolute).
     - ``latency``: a fraction in (0, 1) of the dense model's measured latency.
+    - ``nonzeros`` (sparsity mode): nonzero weights of the prunable weight tensors, as a fraction
+      in (0, 1) of their dense count or an absolute count >= 1.
+    - ``size`` (sparsity mode): bytes of the compressed model's tensors (bitmask + nonzero values
+      per weight tensor, the rest dense), as a fraction in (0, 1) of the dense model's bytes or an
+      absolute byte count.
     """
 
     flops: float | None = None
     params: float | None = None
     latency_ms: float | None = None
     latency: float | None = None
+    nonzeros: float | None = None
+    size: float | None = None
 
     def __post_init__(self) -> None:
         given = [(k, getattr(self, k)) for k in _METRICS if getattr(self, k) is not None]
@@ -69,7 +82,8 @@ class Budget:
             raise BudgetError(
                 "A budget limits exactly one of flops=, params= (a fraction in (0, 1) of the dense "
                 "model, or an absolute count >= 1), latency_ms= (milliseconds) or latency= (a fraction "
-                f"of the dense model's latency); got {dict(given) or 'none'}."
+                "of the dense model's latency), or in sparsity mode nonzeros= or size= (a fraction of the "
+                f"dense model's weights or bytes, or an absolute count); got {dict(given) or 'none'}."
             )
         key, value = given[0]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -79,7 +93,7 @@ class Budget:
 
     @property
     def metric(self) -> str:
-        """``flops``, ``params``, ``latency_ms`` or ``latency``."""
+        """``flops``, ``params``, ``latency_ms``, ``latency``, ``nonzeros`` or ``size``."""
         return next(k for k in _METRICS if getattr(self, k) is not None)
 
     @property
@@ -92,7 +106,24 @@ class Budget:
 
     @property
     def is_fraction(self) -> bool:
-        return self.metric == "latency" or (self.metric in ("flops", "params") and self.value < 1)
+        return self.metric == "latency" or (self.metric != "latency_ms" and self.value < 1)
+
+    @property
+    def mode(self) -> str:
+        """The search mode whose plans this budget can limit: ``channels`` or ``sparsity``."""
+        return "sparsity" if self.metric in MODE_METRICS["sparsity"] else "channels"
+
+    def check_mode(self, mode: str) -> None:
+        """Refuse a budget that the search mode cannot limit, naming the mode and what it allows."""
+        if mode not in MODE_METRICS:
+            raise BudgetError(f"Unknown mode {mode!r}; allowed: {', '.join(MODE_METRICS)}.")
+        if self.metric not in MODE_METRICS[mode]:
+            allowed = ", ".join(m + "=" for m in MODE_METRICS[mode])
+            why = ("weight sparsity zeroes weights inside dense tensors, so MACs, parameters and latency of dense "
+                   "kernels do not shrink; it limits the nonzero weights or the compressed size"
+                   if mode == "sparsity" else
+                   "channel pruning limits compute; nonzeros= and size= limit a sparsity search (mode: sparsity)")
+            raise BudgetError(f"Budget {self} is not allowed in mode: {mode} ({why}); allowed: {allowed}.")
 
     def dense_value(self, profile: ModelProfile, latency: LatencyModel | None = None) -> float:
         """The dense model's MACs, parameters or latency (ms), whichever this budget limits."""
@@ -100,6 +131,10 @@ class Budget:
             return profile.macs
         if self.metric == "params":
             return profile.params
+        if self.metric in ("nonzeros", "size"):
+            if profile.mode != "sparsity":
+                self.check_mode(profile.mode)  # names the mode and what it allows
+            return profile.nonzeros if self.metric == "nonzeros" else profile.dense_bytes  # type: ignore[attr-defined]
         if latency is None:
             raise BudgetError(
                 f"Budget {self} limits latency, which needs a latency predictor measured on the target "
@@ -122,8 +157,8 @@ class Budget:
         return f"{self.metric}={self.value:g}"
 
     def metric_key(self) -> str:
-        """The plan/trial metric this budget limits: flops, params or latency_ms."""
-        return "latency_ms" if self.is_latency else self.metric
+        """The plan/trial metric this budget limits: flops, params, latency_ms, nonzeros or size_bytes."""
+        return "latency_ms" if self.is_latency else ("size_bytes" if self.metric == "size" else self.metric)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Budget:
@@ -156,7 +191,8 @@ class Budget:
         key, sep, value = text.partition("=")
         key, value = key.strip(), value.strip()
         if not sep:
-            raise BudgetError(f"--budget {text!r} must look like flops=0.5, params=0.4, latency_ms=3.0 or latency=0.5.")
+            raise BudgetError(f"--budget {text!r} must look like flops=0.5, params=0.4, latency_ms=3.0 or latency=0.5 "
+                              "(in sparsity mode nonzeros=0.1 or size=0.2).")
         if any(c in value for c in "=,;") or len(value.split()) > 1:
             raise BudgetError(
                 f"--budget {text!r} names more than one metric; one budget metric at a time is allowed: "
@@ -177,13 +213,15 @@ class Budget:
 
 
 def resolve_bounds(
-    profile: ModelProfile, bounds: Bounds | None = None, default: tuple[float, float] = DEFAULT_RATIO_RANGE
+    profile: ModelProfile, bounds: Bounds | None = None, default: tuple[float, float] | None = None
 ) -> dict[str, tuple[float, float]]:
-    """Ratio range per group: ``bounds`` where given, ``default`` for the rest; checked.
+    """Ratio range per group: ``bounds`` where given, ``default`` for the rest (by default the
+    profile's mode's range, :data:`DEFAULT_RATIO_RANGES`); checked.
 
     A transformer's residual stream (``GroupInfo.embedding``) defaults to [0, 0]: its width is
     left whole unless ``bounds`` names it."""
     bounds = dict(bounds) if bounds is not None else {}
+    default = default or DEFAULT_RATIO_RANGES[profile.mode]
     unknown = sorted(set(bounds) - set(profile.names))
     if unknown:
         raise ConfigError(f"Bounds name unknown groups {', '.join(unknown)}; groups: {', '.join(profile.names)}.")

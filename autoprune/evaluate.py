@@ -1,5 +1,8 @@
 """Candidate evaluation: prune a copy, recalibrate BatchNorm, score on held-out data.
 
+In sparsity mode (a :class:`~autoprune.sparsity.SparsityProfile`) the copy is masked instead of
+pruned: the plan's weights are set to zero and held there through any fine-tuning, no surgery.
+
 Built for hundreds of candidates per search: the dense model, its profile, the channel ranking
 and the calibration and validation batches are prepared once in the constructor; each
 :meth:`Evaluator.evaluate` only prunes, recalibrates and scores.
@@ -46,6 +49,11 @@ class TrialResult:
         seconds: wall time of this evaluation (prune + recalibrate + fine-tune + score).
         latency_ms: predicted latency in ms per batch (the search's latency settings), when it measures latency.
         finetune_steps: SGD steps of fine-tuning before ``val_score`` was taken (0: adaptive BN alone).
+        nonzeros, nonzeros_ratio: sparsity mode: nonzero weights of the prunable tensors, and over
+            their dense count (None for channel plans; their ``macs`` and ``params`` then count what
+            touches a nonzero weight).
+        size_bytes, size_ratio: sparsity mode: bytes of the compressed model's tensors, and over the
+            dense model's.
     """
 
     val_score: float
@@ -56,6 +64,10 @@ class TrialResult:
     seconds: float
     latency_ms: float | None = None
     finetune_steps: int = 0
+    nonzeros: float | None = None
+    nonzeros_ratio: float | None = None
+    size_bytes: float | None = None
+    size_ratio: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,9 +154,11 @@ class Evaluator:
         finetune_steps: SGD steps on training batches after recalibration (0 for none); a
             one-rung :class:`Fidelity` without intermediate scores.
         finetune_lr: learning rate of those steps.
-        importance: channel criterion (``l1``, ``l2``, ``taylor``, ``bn_scale``, ``random``).
+        importance: channel criterion (``l1``, ``l2``, ``taylor``, ``bn_scale``, ``random``); with a
+            sparsity profile, the criterion that ranks single weights (``bn_scale`` excluded).
         seed: fixes the calibration batches and any fine-tuning; evaluation is deterministic.
-        profile: a profile of ``task`` computed earlier, to skip recomputing it.
+        profile: a profile of ``task`` computed earlier, to skip recomputing it; a
+            :class:`~autoprune.sparsity.SparsityProfile` makes this a sparsity evaluator (masked copies).
         latency: a latency predictor; each result then carries the plan's predicted ``latency_ms``.
         fidelity: report scores at several fine-tuning rungs (replaces ``finetune_steps``).
         precision: ``fp32``, or ``bf16`` autocast for calibration, fine-tuning and scoring (see
@@ -193,13 +207,21 @@ class Evaluator:
             task.train_loader.dataset, n_train_batches, batch_size=calibration_batch_size, seed=seed)
         self._val_batches = self._take_samples(task.val_loader, val_samples)
         self.val_samples = sum(len(y) for _, y in self._val_batches)
+        self._dense_score: float | None = None
+        if self.profile.mode == "sparsity":
+            from .sparsity import WeightMasker, weight_scores
+
+            # Weights ranked once on the dense model: every candidate masks the same ranking.
+            self.scores = weight_scores(task.model, self.profile, self.importance.name,  # type: ignore[arg-type]
+                                        batches=self._train_batches[:4], seed=seed)
+            self._masker = WeightMasker(task.model, self.profile, self.scores)  # type: ignore[arg-type]
+            return
         self.scores = pruning.channel_scores(
             task.model, task.example_input, self.importance,
             ignored_layers=task.ignored_layers, batches=self._train_batches[:4],
         )
         # Traced once: every candidate is cut from the same dense model.
         self._surgeon = pruning.Surgeon(task.model, task.example_input, task.ignored_layers)
-        self._dense_score: float | None = None
 
     @classmethod
     def from_settings(cls, task: Task, settings: EvaluationSettings, *, seed: int, profile: ModelProfile | None = None,
@@ -264,8 +286,13 @@ class Evaluator:
         return value
 
     def _cut(self, plan: Plan) -> nn.Module:
+        if plan.mode != self.profile.mode:
+            raise ConfigError(f"The plan is a {plan.mode} plan but this evaluator scores mode: {self.profile.mode} "
+                              f"(give it a {'sparsity profile' if plan.mode == 'sparsity' else 'channel profile'}).")
         check_plan_matches(plan, [(g.name, g.channels) for g in self.profile.groups], what=f"task {self.task.name!r}",
                            input_shape=tuple(self.task.example_input.shape))
+        if self.profile.mode == "sparsity":
+            return to_memory_format(self._masker.copy(plan.kept), self.precision)
         return to_memory_format(self._surgeon.prune(plan.kept, self.scores), self.precision)
 
     def recalibrate(self, model: nn.Module) -> None:
@@ -356,10 +383,16 @@ class Evaluator:
         if self.latency is not None:
             kept = [plan.kept[g.name] for g in self.profile.groups]
             latency_ms = self.latency.predict_kept(np.array(kept, dtype=np.float64))
+        sparse: dict[str, float] = {}
+        if self.profile.mode == "sparsity":
+            p = self.profile
+            nonzeros, size = p.nonzeros_of(plan.kept), p.size_of(plan.kept)  # type: ignore[attr-defined]
+            sparse = {"nonzeros": nonzeros, "nonzeros_ratio": nonzeros / p.nonzeros,  # type: ignore[attr-defined]
+                      "size_bytes": size, "size_ratio": size / p.dense_bytes}  # type: ignore[attr-defined]
         return TrialResult(
             val_score=score, macs=macs, macs_ratio=macs / self.profile.macs, params=params,
             params_ratio=params / self.profile.params, seconds=seconds, latency_ms=latency_ms,
-            finetune_steps=finetune_steps,
+            finetune_steps=finetune_steps, **sparse,
         )
 
     def describe(self) -> Mapping[str, Any]:
@@ -368,4 +401,5 @@ class Evaluator:
             "calibration_batches": self.calibration_batches, "val_samples": self.val_samples,
             "finetune_steps": self.finetune_steps, "importance": self.importance.name, "seed": self.seed,
             "rungs": list(self.fidelity.rungs), "distill": self.fidelity.distill, "precision": self.precision,
+            "mode": self.profile.mode, **({"pattern": self.profile.pattern} if self.profile.mode == "sparsity" else {}),  # type: ignore[attr-defined]
         }

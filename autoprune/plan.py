@@ -3,6 +3,12 @@
 A plan is immutable and versioned (schema ``autoprune.plan/1``). Its ratios are the fraction of
 channels *removed* per group, exactly as realized after channel rounding; ``channels`` holds the
 dense and kept counts. The model fingerprint ties a plan to the group structure it was made for.
+
+A weight-sparsity plan (``mode: sparsity``) has the same shape, with weight tensors for groups:
+its ratio is the fraction of a tensor's weights set to zero and its counts are weights. It is
+written as schema ``autoprune.plan/2`` (``mode``, ``pattern`` and ``counts`` in place of
+``channels``), so that an autoprune that knows only channel plans refuses it instead of cutting
+channels by weight counts; channel plans are still written, and read, as ``/1``.
 """
 
 from __future__ import annotations
@@ -12,25 +18,27 @@ import math
 import os
 import re
 import tempfile
-import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from . import pruning
 from .errors import BudgetError, PlanError, PlanMismatchError
-from .profile import ModelProfile, fingerprint_of, profile_model
+from .profile import ModelProfile, fingerprint_of
 
 __all__ = ["Plan", "PLAN_SCHEMA", "StaleBatchNormWarning", "apply_plan", "check_plan_matches", "write_atomic"]
 
 PLAN_SCHEMA = "autoprune.plan/1"
+#: The schema of plans with a ``mode`` (weight-sparsity plans are written with it).
+PLAN_SCHEMA_MODES = "autoprune.plan/2"
 _PLAN_KEYS = ("schema", "task", "model_fingerprint", "input_shape", "budget", "ratios", "channels", "metrics",
               "provenance")
+_PLAN_KEYS_2 = ("schema", "mode", "pattern", "task", "model_fingerprint", "input_shape", "budget", "ratios", "counts",
+                "metrics", "provenance")
+_PATTERNS = ("unstructured", "2:4")
 
 
 def _is_int(value: Any) -> bool:
@@ -83,6 +91,9 @@ class Plan:
         metrics: measured or analytic numbers (``flops`` = MACs, ``flops_ratio``, ``params``, ``val_score``...).
         provenance: strategy, study, trial, MLflow run id, seed, versions, task_spec (the task as the
             search loaded it: a built-in name or a user task's module:function).
+        mode: ``channels`` (groups lose channels) or ``sparsity`` (groups are weight tensors: ratios
+            are the fraction of weights zeroed, ``channels`` holds (dense, kept) weight counts).
+        pattern: where a sparsity plan's zeros may go, ``unstructured`` or ``2:4``; None for channels.
     """
 
     ratios: Mapping[str, float]
@@ -93,6 +104,8 @@ class Plan:
     budget: Mapping[str, float] | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
     provenance: Mapping[str, Any] = field(default_factory=dict)
+    mode: str = "channels"
+    pattern: str | None = None
 
     @classmethod
     def from_kept(
@@ -104,11 +117,13 @@ class Plan:
         metrics: Mapping[str, float] | None = None,
         provenance: Mapping[str, Any] | None = None,
     ) -> Plan:
-        """The plan keeping ``kept[name]`` channels per group (missing groups stay dense)."""
+        """The plan keeping ``kept[name]`` channels per group (missing groups stay dense); for a
+        sparsity profile, weights per tensor."""
+        unit = "weights" if profile.mode == "sparsity" else "channels"
         channels = {g.name: (g.channels, int(kept.get(g.name, g.channels))) for g in profile.groups}
         for name, (dense, keep) in channels.items():
             if not 1 <= keep <= dense:
-                raise PlanError(f"Group {name!r} would keep {keep} of {dense} channels; allowed: 1..{dense}.")
+                raise PlanError(f"Group {name!r} would keep {keep} of {dense} {unit}; allowed: 1..{dense}.")
         unknown = sorted(set(kept) - set(channels))
         if unknown:
             raise PlanError(f"Unknown groups {', '.join(unknown)}; the model's groups: {', '.join(channels)}.")
@@ -118,11 +133,20 @@ class Plan:
             "flops": macs, "flops_ratio": macs / profile.macs,
             "params": params, "params_ratio": params / profile.params,
         }
+        pattern = None
+        if profile.mode == "sparsity":
+            # MACs and params above count what touches a nonzero weight; a sparsity budget is one of these.
+            nonzeros, size = profile.nonzeros_of(kept), profile.size_of(kept)  # type: ignore[attr-defined]
+            base_metrics.update(nonzeros=nonzeros, nonzeros_ratio=nonzeros / profile.nonzeros,  # type: ignore[attr-defined]
+                                sparsity=1 - nonzeros / profile.nonzeros,  # type: ignore[attr-defined]
+                                size_bytes=size, size_ratio=size / profile.dense_bytes)  # type: ignore[attr-defined]
+            pattern = profile.pattern  # type: ignore[attr-defined]
         return cls(
             ratios=ratios, channels=channels, model_fingerprint=profile.fingerprint,
             input_shape=tuple(profile.input_shape), task=profile.task,
             budget=dict(budget) if budget is not None else None,
             metrics={**base_metrics, **(metrics or {})}, provenance=dict(provenance or {}),
+            mode=profile.mode, pattern=pattern,
         )
 
     @property
@@ -137,6 +161,14 @@ class Plan:
         return replace(self, provenance={**self.provenance, **provenance})
 
     def to_dict(self) -> dict[str, Any]:
+        if self.mode != "channels":
+            return {
+                "schema": PLAN_SCHEMA_MODES, "mode": self.mode, "pattern": self.pattern, "task": self.task,
+                "model_fingerprint": self.model_fingerprint, "input_shape": list(self.input_shape),
+                "budget": dict(self.budget) if self.budget is not None else None, "ratios": dict(self.ratios),
+                "counts": {k: list(v) for k, v in self.channels.items()}, "metrics": dict(self.metrics),
+                "provenance": dict(self.provenance),
+            }
         return {
             "schema": PLAN_SCHEMA,
             "task": self.task,
@@ -157,20 +189,32 @@ class Plan:
         """A plan from its JSON form, every field checked (types, ranges, consistency)."""
         if not isinstance(data, dict):
             raise PlanError(f"{source}: a plan is a JSON object, got {_kind(data)}.")
+        readable = f"{PLAN_SCHEMA!r} (channel plans) and {PLAN_SCHEMA_MODES!r} (plans with a mode)"
         if "schema" not in data:
-            raise PlanError(f"{source}: unknown plan schema (it has no 'schema' key); this autoprune reads {PLAN_SCHEMA!r}.")
+            raise PlanError(f"{source}: unknown plan schema (it has no 'schema' key); this autoprune reads {readable}.")
         schema = data.get("schema")
-        if schema != PLAN_SCHEMA:
-            raise PlanError(f"{source}: unknown plan schema {schema!r:.60}; this autoprune reads {PLAN_SCHEMA!r}.")
-        missing = [k for k in ("model_fingerprint", "ratios", "channels", "input_shape") if k not in data]
+        if schema not in (PLAN_SCHEMA, PLAN_SCHEMA_MODES):
+            raise PlanError(f"{source}: unknown plan schema {schema!r:.60}; this autoprune reads {readable}.")
+        keys, counts_key = (_PLAN_KEYS, "channels") if schema == PLAN_SCHEMA else (_PLAN_KEYS_2, "counts")
+        missing = [k for k in ("model_fingerprint", "ratios", counts_key, "input_shape") + ("mode",) * (schema != PLAN_SCHEMA)
+                   if k not in data]
         if missing:
             raise PlanError(f"{source}: missing required keys: {', '.join(missing)}.")
-        unknown = [str(k) for k in data if k not in _PLAN_KEYS]
+        unknown = [str(k) for k in data if k not in keys]
         if unknown:
-            raise PlanError(f"{source}: unknown keys {', '.join(map(repr, unknown[:5]))}; a plan has: {', '.join(_PLAN_KEYS)}.")
+            raise PlanError(f"{source}: unknown keys {', '.join(map(repr, unknown[:5]))}; a plan of schema {schema} has: "
+                            f"{', '.join(keys)}.")
 
         def bad(key: str, what: str) -> PlanError:
             return PlanError(f"{source}: key {key!r}: {what}.")
+
+        mode, pattern = str(data.get("mode", "channels")), data.get("pattern")
+        if mode not in ("channels", "sparsity"):
+            raise bad("mode", f"must be 'channels' or 'sparsity', got {_kind(data.get('mode'))}")
+        if mode == "sparsity" and pattern not in _PATTERNS:
+            raise bad("pattern", f"must be one of {', '.join(_PATTERNS)} for a sparsity plan, got {_kind(pattern)}")
+        if mode == "channels" and pattern is not None:
+            raise bad("pattern", f"applies to sparsity plans only (this plan's mode is channels), got {_kind(pattern)}")
 
         fingerprint = data["model_fingerprint"]
         if not isinstance(fingerprint, str):
@@ -182,16 +226,17 @@ class Plan:
         if not isinstance(shape, (list, tuple)) or not shape or not all(_is_int(d) and d >= 1 for d in shape):
             raise bad("input_shape", f"must be a list of positive integers such as [1, 3, 32, 32], got {_kind(shape)}")
         input_shape = tuple(int(d) for d in shape)
-        raw_channels, raw_ratios = data["channels"], data["ratios"]
+        unit = "weights" if mode == "sparsity" else "channels"
+        raw_channels, raw_ratios = data[counts_key], data["ratios"]
         if not isinstance(raw_channels, dict):
-            raise bad("channels", f"must map group names to (dense, kept) channel counts, got {_kind(raw_channels)}")
+            raise bad(counts_key, f"must map group names to (dense, kept) {unit[:-1]} counts, got {_kind(raw_channels)}")
         if not isinstance(raw_ratios, dict):
-            raise bad("ratios", f"must map group names to the fraction of channels removed, got {_kind(raw_ratios)}")
+            raise bad("ratios", f"must map group names to the fraction of {unit} removed, got {_kind(raw_ratios)}")
         channels: dict[str, tuple[int, int]] = {}
         for name, counts in raw_channels.items():
             if not (isinstance(counts, (list, tuple)) and len(counts) == 2 and all(_is_int(c) for c in counts)):
-                raise bad("channels", f"group {name!r} must be a pair of integers (dense channels, kept channels), "
-                                     f"got {_kind(counts)}")
+                raise bad(counts_key, f"group {name!r} must be a pair of integers (dense {unit}, kept {unit}), "
+                                      f"got {_kind(counts)}")
             channels[str(name)] = (int(counts[0]), int(counts[1]))
         ratios: dict[str, float] = {}
         for name, ratio in raw_ratios.items():
@@ -201,16 +246,16 @@ class Plan:
             ratios[str(name)] = float(ratio)
         extra = [n for n in ratios if n not in channels] + [n for n in channels if n not in ratios]
         if extra:
-            raise PlanError(f"{source}: 'ratios' and 'channels' name different groups (first: {extra[0]!r}).")
+            raise PlanError(f"{source}: 'ratios' and {counts_key!r} name different groups (first: {extra[0]!r}).")
         for name, (dense, keep) in channels.items():
             if dense < 1:
-                raise bad("channels", f"group {name!r} has {dense} dense channels; a group has at least one")
+                raise bad(counts_key, f"group {name!r} has {dense} dense {unit}; a group has at least one")
             if not 1 <= keep <= dense:
-                raise PlanError(f"{source}: group {name!r} keeps {keep} of {dense} channels; allowed 1..{dense}.")
+                raise PlanError(f"{source}: group {name!r} keeps {keep} of {dense} {unit}; allowed 1..{dense}.")
             if not math.isclose(ratios[name], (dense - keep) / dense, abs_tol=1e-6):
                 raise PlanError(
-                    f"{source}: group {name!r} has ratio {ratios[name]} but channels {dense}->{keep} "
-                    f"(ratio {(dense - keep) / dense:.6f}); ratios are the fraction of channels removed."
+                    f"{source}: group {name!r} has ratio {ratios[name]} but {unit} {dense}->{keep} "
+                    f"(ratio {(dense - keep) / dense:.6f}); ratios are the fraction of {unit} removed."
                 )
         budget = data.get("budget")
         if budget is not None:
@@ -238,7 +283,7 @@ class Plan:
         return cls(
             ratios=ratios, channels=channels, model_fingerprint=fingerprint,
             input_shape=input_shape, task=task, budget=dict(budget) if budget is not None else None,
-            metrics=dict(metrics), provenance=dict(provenance),
+            metrics=dict(metrics), provenance=dict(provenance), mode=mode, pattern=pattern,
         )
 
     @classmethod
@@ -362,67 +407,10 @@ def check_plan_matches(
                      f"these groups ({fingerprint[:16]}...); the plan file was edited or corrupted")
 
 
-def apply_plan(
-    model: nn.Module,
-    plan: Plan,
-    *,
-    example_input: torch.Tensor | None = None,
-    importance: str | pruning.ChannelImportance = "l1",
-    scores: Mapping[str, np.ndarray] | None = None,
-    ignored_layers: tuple[str, ...] = (),
-    batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-    calibration_batches: Iterable[Any] | None = None,
-) -> nn.Module:
-    """A new, physically smaller copy of ``model`` with the plan's channel counts.
-
-    The removed channels are the least important by ``importance`` (``l1`` by default; ``taylor``
-    needs ``batches``). ``model`` is not modified. The plan is refused if it was made for a model
-    with other groups. ``example_input`` defaults to zeros of the plan's input shape.
-
-    Removing channels leaves every BatchNorm's running statistics stale (a pruned ResNet can score
-    at chance until they are re-estimated). ``calibration_batches`` (training batches: tensors or
-    ``(inputs, targets)`` pairs, e.g. 16 of 64 images) re-estimates them as the search's score
-    did; without them a model with BatchNorm gets a warning. Fine-tuning is ``autoprune export``'s.
-    """
-    given_input = example_input is not None
-    if example_input is None:
-        if math.prod(plan.input_shape) > 2**31:
-            raise PlanError(f"The plan's input shape {tuple(plan.input_shape)} is too large to trace the model with; "
-                            "pass example_input=.")
-        try:
-            example_input = torch.zeros(plan.input_shape)
-        except (RuntimeError, TypeError, ValueError) as exc:
-            raise PlanError(f"The plan's input shape {tuple(plan.input_shape)} cannot be built ({exc}).") from None
-    try:
-        # The groups a profile searches: Torch-Pruning's, less those left whole (a search never
-        # plans for them, so neither does a plan file).
-        groups = profile_model(model, example_input[:1], ignored_layers=ignored_layers).groups
-    except RuntimeError as exc:
-        raise PlanMismatchError(
-            f"The plan's input shape {tuple(example_input.shape)} does not fit the model "
-            f"({str(exc).splitlines()[0][:200]}); the plan was made for another model."
-        ) from None
-    check_plan_matches(plan, [(g.name, g.channels) for g in groups],
-                       input_shape=tuple(example_input.shape) if given_input else None)
-    if scores is None:
-        criterion = pruning.make_importance(importance)
-        scores = pruning.channel_scores(
-            model, example_input, criterion, ignored_layers=ignored_layers, batches=batches or ()
-        )
-    pruned = pruning.prune_copy(model, example_input, plan.kept, scores)
-    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pruned.modules())
-    if calibration_batches is not None:
-        from .evaluate import recalibrate_batchnorm
-
-        inputs = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration_batches]
-        recalibrate_batchnorm(pruned, inputs)
-    elif has_batchnorm:
-        warnings.warn(
-            "apply_plan: the pruned model's BatchNorm statistics are those of the dense model and are stale; pass "
-            "calibration_batches= (a few training batches) or call ap.recalibrate_batchnorm before using it.",
-            StaleBatchNormWarning, stacklevel=2)
-    return pruned
-
-
 class StaleBatchNormWarning(UserWarning):
     """A pruned model's BatchNorm layers still hold the dense model's running statistics."""
+
+
+# Applying a plan to a model is its own module; imported here, after Plan exists, so that
+# ``from autoprune.plan import apply_plan`` keeps working.
+from ._apply import apply_plan  # noqa: E402

@@ -14,7 +14,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -125,9 +125,11 @@ class ModelProfile:
 
     ``macs`` are multiply-accumulates for one input of ``input_shape`` (batch 1) as Torch-Pruning
     counts them (convolutions, linear layers, BatchNorm, activations, pooling); ``params`` counts
-    parameters. ``fingerprint`` identifies the group structure; plans carry it.
+    parameters. ``fingerprint`` identifies the group structure; plans carry it. ``mode`` says what a
+    group is: channels here, weight tensors in :class:`autoprune.sparsity.SparsityProfile`.
     """
 
+    mode: ClassVar[str] = "channels"
     task: str | None
     input_shape: tuple[int, ...]
     groups: tuple[GroupInfo, ...]

@@ -27,9 +27,10 @@ from .errors import StorageError, redact, short
 from .evaluate import Evaluator
 from .latency import LatencyPredictor, build_predictor, save_predictor, with_check
 from .plan import Plan
-from .profile import ModelProfile, profile_model
+from .profile import ModelProfile
 from .settings import SearchSettings, latency_settings, resolve_settings
 from .space import SearchSpace
+from .sparsity import SparsityProfile, global_magnitude_plan, lamp_plan, profile_for
 from .strategies import TrialOutcome, make_sampler, make_stopper, make_strategy
 from .study import (
     best_trial,
@@ -135,7 +136,9 @@ def _progress_reporter(study: optuna.Study, advance: Callable[[int, str], None],
                        on_trial: Callable[[TrialOutcome | None], None] | None) -> Callable[[TrialOutcome | None], None]:
     def report(outcome: TrialOutcome | None) -> None:
         best = best_trial(study)
-        status = f"best {best.result.val_score:.4f} at MACs {best.result.macs_ratio:.3f}" if best is not None else ""
+        status = "" if best is None else f"best {best.result.val_score:.4f} at " + (
+            f"MACs {best.result.macs_ratio:.3f}" if best.result.nonzeros_ratio is None
+            else f"nonzeros {best.result.nonzeros_ratio:.3f}")
         advance(1 if outcome is not None else 0, status)
         if on_trial:
             on_trial(outcome)
@@ -180,7 +183,7 @@ def _prepare(settings: SearchSettings) -> _Prepared:
     else:
         task = load_task(space.task_spec, data_root=settings.data_root, workdir=settings.workdir,
                          seed=space.strategy.seed)
-    profile = profile_model(task)
+    profile = profile_for(task, mode=space.mode, pattern=space.pattern)
     bounds = space.groups.bounds(profile, source=f"search space {space.display_name!r}")
     budget = space.budget_obj
     latency = _latency_predictor(settings, task, profile, bounds) if space.measures_latency else None
@@ -188,10 +191,15 @@ def _prepare(settings: SearchSettings) -> _Prepared:
     uniform = uniform_plan(profile, budget, bounds=bounds, round_to=space.groups.round_to, latency=latency)
     evaluator = Evaluator.from_settings(task, space.evaluation, seed=space.strategy.seed, profile=profile,
                                         latency=latency, cache_dir=settings.workdir / "precision")
-    glob = global_plan(profile, budget, evaluator.scores, bounds=bounds, round_to=space.groups.round_to,
-                       latency=latency)
+    if isinstance(profile, SparsityProfile):
+        # Weight sparsity's baselines: global magnitude and LAMP rank the evaluator's weight scores.
+        baselines = {"uniform": uniform, "global": global_magnitude_plan(profile, budget, evaluator.scores, bounds=bounds),
+                     "lamp": lamp_plan(profile, budget, evaluator.scores, bounds=bounds)}
+    else:
+        baselines = {"uniform": uniform, "global": global_plan(profile, budget, evaluator.scores, bounds=bounds,
+                                                               round_to=space.groups.round_to, latency=latency)}
     evaluator.dense_score  # noqa: B018 - scores the task once now: a broken score function fails before any write
-    return _Prepared(task, profile, evaluator, {"uniform": uniform, "global": glob}, latency)
+    return _Prepared(task, profile, evaluator, baselines, latency)
 
 
 def _latency_predictor(settings: SearchSettings, task: Task, profile: ModelProfile,

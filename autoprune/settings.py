@@ -109,6 +109,7 @@ class SearchSettings:
             "workers": self.workers, "study": self.study_name, "storage": redact(self.storage_url),
             "groups": space.groups.model_dump(mode="json"), "evaluation": space.evaluation.model_dump(mode="json"),
             "dense_macs": profile.macs, "dense_params": profile.params,
+            **({"mode": space.mode, "pattern": space.pattern} if space.mode != "channels" else {}),
         }
 
 
@@ -133,6 +134,8 @@ def resolve_settings(
     seed: int | None = None,
     budget: str | Budget | None = None,
     objective: str | None = None,
+    mode: str | None = None,
+    pattern: str | None = None,
     study: str | None = None,
     storage: str | None = None,
     tracking_uri: str | None = None,
@@ -145,6 +148,8 @@ def resolve_settings(
 
     ``task`` replaces the space's task: a built-in name, ``"package.module:function"``, or an
     :class:`~autoprune.Task` object (searched in this process only: ``workers`` must be 1).
+    ``mode`` (``channels`` or ``sparsity``) and ``pattern`` (``unstructured`` or ``2:4``) replace the
+    space's; a sparsity search needs a ``nonzeros=`` or ``size=`` budget.
     """
     from .task import Task
 
@@ -176,6 +181,7 @@ def resolve_settings(
     loaded = loaded.with_overrides(**{
         "strategy.name": strategy, "strategy.sampler": sampler, "strategy.rl.agent": agent,
         "strategy.trials": n_trials, "strategy.seed": seed, "strategy.objective": objective, "budget": budget_dict,
+        "mode": mode, "pattern": pattern,
     })
     if threads is not None:
         _positive_int(threads, "--threads", "torch threads per worker")
@@ -194,7 +200,8 @@ def resolve_settings(
     label = loaded.strategy.name if loaded.strategy.name != "optuna" else f"optuna-{loaded.strategy.sampler}"
     budget_tag = "-".join(f"{k}{v:g}" for k, v in loaded.budget.items())
     pareto = "-pareto" if loaded.strategy.objective == "pareto" else ""
-    name = study or study_name_from(f"{loaded.display_name}-{label}-{budget_tag}{pareto}")
+    pattern_tag = f"-{loaded.pattern}" if loaded.mode == "sparsity" and loaded.pattern != "unstructured" else ""
+    name = study or study_name_from(f"{loaded.display_name}-{label}-{budget_tag}{pattern_tag}{pareto}")
     per_worker = threads or max(1, (os.cpu_count() or 1) // workers)
     return SearchSettings(
         space=loaded, study_name=name, storage_url=storage or default_storage_url(home),

@@ -11,29 +11,29 @@ import fnmatch
 import hashlib
 import json
 import os
-import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (
-    BaseModel,
     BeforeValidator,
     Discriminator,
     Field,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from ._declared import DeclaredTask
-from ._schema import Float, Int, OptionalInt, Strict, show
+from ._schema import Float, Int, OptionalInt, Strict, format_error, show
 from ._yamlfile import read_yaml
 from .budget import Budget
 from .errors import BudgetError, ConfigError
 from .profile import ModelProfile
 from .pruning import IMPORTANCE_NAMES
+from .sparsity._rules import DEFAULT_RATIOS, mode_conflict
 
 __all__ = [
     "SearchSpace",
@@ -50,7 +50,7 @@ __all__ = [
     "AGENTS",
 ]
 
-STRATEGIES = ("optuna", "rl", "random", "uniform", "global")
+STRATEGIES = ("optuna", "rl", "random", "uniform", "global", "lamp")
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "qmc", "nsga2")
 AGENTS = ("ddpg", "td3", "sac")
 OBJECTIVES = ("score", "pareto")
@@ -59,22 +59,30 @@ SEED_MAX = 2**32 - 1  # numpy, torch and stable-baselines3 all take 32-bit unsig
 
 
 class GroupSelection(Strict):
-    """Which groups are searched (globs over group names) and their ratio range."""
+    """Which groups are searched (globs over group names) and their ratio range (``None``: the
+    mode's default, [0, 0.8] of a group's channels, or [0, 0.99] of a tensor's weights)."""
 
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
-    ratio: tuple[Float, Float] = (0.0, 0.8)
+    ratio: Optional[tuple[Float, Float]] = None
     round_to: Int = Field(default=1, ge=1)
 
     @field_validator("ratio")
     @classmethod
-    def _ratio_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+    def _ratio_in_range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is None:
+            return v
         lo, hi = v
         if not (0.0 <= lo <= hi < 1.0):
             raise ValueError(
-                f"ratio [{lo}, {hi}] must satisfy 0 <= low <= high < 1 (fraction of channels removed)"
+                f"ratio [{lo}, {hi}] must satisfy 0 <= low <= high < 1 (fraction of channels removed; of weights "
+                "in mode: sparsity)"
             )
         return v
+
+    def ratio_range(self, mode: str = "channels") -> tuple[float, float]:
+        """The ratio range of searched groups: as given, or the mode's default."""
+        return self.ratio if self.ratio is not None else DEFAULT_RATIOS[mode]
 
     def bounds(self, profile: ModelProfile, *, source: str = "search space") -> dict[str, tuple[float, float]]:
         """Ratio range per group; groups not selected are fixed at 0 (never pruned)."""
@@ -95,7 +103,8 @@ class GroupSelection(Strict):
         ]
         if not selected:
             raise ConfigError(f"{source}: key 'groups': include/exclude leave no group to prune.")
-        if self.round_to > 1 and self.ratio[1] > 0:
+        ratio = self.ratio_range(profile.mode)
+        if self.round_to > 1 and ratio[1] > 0:
             channels = {g.name: g.channels for g in profile.groups}
             largest = max(selected, key=lambda n: channels[n])
             if self.round_to >= channels[largest]:
@@ -105,7 +114,7 @@ class GroupSelection(Strict):
                     f"group, {largest!r}, has {channels[largest]} channels. Use a round_to below "
                     f"{channels[largest]} (8 or 16 match the vector units of GPUs and CPUs)."
                 )
-        return {n: (tuple(self.ratio) if n in selected else (0.0, 0.0)) for n in names}  # type: ignore[misc]
+        return {n: (tuple(ratio) if n in selected else (0.0, 0.0)) for n in names}  # type: ignore[misc]
 
 
 STOPPERS = ("none", "median", "successive_halving", "hyperband")
@@ -206,7 +215,7 @@ class LatencySpec(Strict):
 
 
 class StrategySettings(Strict):
-    name: Literal["optuna", "rl", "random", "uniform", "global"] = "optuna"
+    name: Literal["optuna", "rl", "random", "uniform", "global", "lamp"] = "optuna"
     sampler: Literal["tpe", "gp", "cmaes", "random", "qmc", "nsga2"] = "tpe"
     trials: Int = Field(default=40, ge=1)
     seed: Int = 0
@@ -241,9 +250,16 @@ _TASK_TAGS = ("spec", "declared")
 
 
 class SearchSpace(Strict):
-    """A validated search space file."""
+    """A validated search space file.
+
+    ``mode`` is ``channels`` (groups lose whole channels; the default) or ``sparsity`` (each weight
+    tensor loses single weights, placed by ``pattern``: ``unstructured`` or ``2:4``); ``mode`` and
+    ``pattern`` are read first so that every later section is checked against them.
+    """
 
     task: TaskSpec = "digits-cnn"
+    mode: Literal["channels", "sparsity"] = "channels"
+    pattern: Literal["unstructured", "2:4"] = "unstructured"
     budget: dict[str, Any] = Field(default_factory=lambda: {"flops": 0.5})
     groups: GroupSelection = Field(default_factory=GroupSelection)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
@@ -258,6 +274,14 @@ class SearchSpace(Strict):
             return Budget.from_dict(v).to_dict()
         except BudgetError as exc:
             raise ValueError(str(exc).rstrip(".")) from None
+
+    @field_validator("pattern", "budget", "groups", "evaluation", "strategy", "latency")
+    @classmethod
+    def _fits_mode(cls, v: Any, info: ValidationInfo) -> Any:
+        problem = mode_conflict(str(info.field_name), v, info.data.get("mode"), info.data.get("pattern"))
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @property
     def budget_obj(self) -> Budget:
@@ -285,10 +309,13 @@ class SearchSpace(Strict):
 
     def fingerprint(self) -> str:
         """sha256 of what defines the search's dimensions and objective (not its trial count or seed)."""
-        defining = {"task": self.task_spec, "budget": self.budget, "groups": self.groups.model_dump(mode="json"),
+        groups = {**self.groups.model_dump(mode="json"), "ratio": list(self.groups.ratio_range(self.mode))}
+        defining = {"task": self.task_spec, "budget": self.budget, "groups": groups,
                     "evaluation": self.evaluation.model_dump(mode="json"),
                     "objective": self.strategy.objective,
                     "latency": self.latency.model_dump(mode="json") if self.latency else None}
+        if self.mode != "channels":  # a channel space's fingerprint stays what it was before modes
+            defining.update(mode=self.mode, pattern=self.pattern)
         return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
 
     def with_overrides(self, **overrides: Any) -> SearchSpace:
@@ -311,64 +338,19 @@ class SearchSpace(Strict):
 _CLI_FLAGS = {
     "task": "--task", "strategy.name": "--strategy", "strategy.sampler": "--sampler", "strategy.rl.agent": "--agent",
     "strategy.trials": "--trials", "strategy.seed": "--seed", "strategy.objective": "--objective", "budget": "--budget",
+    "mode": "--mode", "pattern": "--pattern",
 }
 
 
 def _format_error(source: str, exc: ValidationError, flags: Mapping[str, str] | None = None) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = _without_tags(err["loc"])
-        key = ".".join(str(p) for p in loc) or "(top level)"
-        label = f"key '{key}'" + (f" (option {flags[key]})" if flags and key in flags else "")
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(loc[:-1])
-            msg = f"unknown key; allowed keys here: {', '.join(allowed)}" if allowed else "unknown key"
-        elif err["type"] in ("model_type", "dict_type"):
-            allowed = _allowed_keys(loc)
-            msg = ("must be a mapping" + (f" of keys ({', '.join(allowed)})" if allowed else "")
-                   + f", got {show(err.get('input'))}")
-        elif err["type"] == "invalid_key":
-            msg = f"keys must be strings, got {show(err.get('input'))}"
-        elif err["type"] == "literal_error":
-            msg = f"value {show(err.get('input'))} is not allowed; {msg[0].lower() + msg[1:]}"
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        elif err["type"] != "missing" and "input" in err:
-            msg = f"{msg} (got {show(err['input'])})"
-        parts.append(f"{label}: {msg.rstrip('.')}")
-    return f"{source} is not a valid search space: " + "; ".join(parts) + "."
-
-
-def _without_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    """An error's location without the union tag pydantic puts after ``task``."""
-    return loc[:1] + loc[2:] if len(loc) > 1 and loc[0] == "task" and loc[1] in _TASK_TAGS else loc
-
-
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
-    """The pydantic models a field's type holds: ``LatencySpec | None`` -> LatencySpec, and so on
-    through unions and Annotated."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
-
-
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    model: type[BaseModel] = SearchSpace
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        found = _models_in(getattr(field, "annotation", None))
-        if not found:
-            return []
-        model = found[0]
-    return list(model.model_fields)
+    return format_error(source, exc, root=SearchSpace, flags=flags, union_tags={"task": _TASK_TAGS})
 
 
 def _validate(data: Any, *, source: str, flags: Mapping[str, str] | None = None) -> SearchSpace:
     if not isinstance(data, Mapping):
         raise ConfigError(
-            f"{source} must be a YAML mapping of keys (task, budget, groups, evaluation, strategy, latency, "
-            f"name), got {show(data)}. See search_spaces/default.yaml for an example."
+            f"{source} must be a YAML mapping of keys (task, mode, pattern, budget, groups, evaluation, strategy, "
+            f"latency, name), got {show(data)}. See search_spaces/default.yaml for an example."
         )
     try:
         return SearchSpace.model_validate(dict(data))

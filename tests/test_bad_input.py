@@ -69,7 +69,7 @@ def test_infeasible_budget(capsys, workdir):
 
 @pytest.mark.parametrize("args, words", [
     (["--sampler", "bayes"], ["option --sampler", "'tpe', 'gp', 'cmaes', 'random', 'qmc' or 'nsga2'"]),
-    (["--strategy", "grid"], ["option --strategy", "'optuna', 'rl', 'random', 'uniform' or 'global'"]),
+    (["--strategy", "grid"], ["option --strategy", "'optuna', 'rl', 'random', 'uniform', 'global' or 'lamp'"]),
     (["--strategy", "rl", "--agent", "ppo"], ["option --agent", "'ddpg', 'td3' or 'sac'"]),
     (["--objective", "max"], ["option --objective", "'score' or 'pareto'"]),
     (["--workers", "0"], ["--workers must be a positive integer"]),

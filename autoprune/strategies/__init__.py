@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..errors import ConfigError
 from ._optuna import SAMPLER_NAMES, OptunaStrategy, RandomSearchStrategy, make_sampler, make_stopper, trial_seed
 from .base import PARETO_TARGET, BaseStrategy, SearchContext, TrialOutcome, TrialStopped
-from .baselines import GlobalStrategy, UniformStrategy
+from .baselines import GlobalStrategy, LampStrategy, UniformStrategy
 
 __all__ = [
     "BaseStrategy",
@@ -21,6 +21,7 @@ __all__ = [
     "RandomSearchStrategy",
     "UniformStrategy",
     "GlobalStrategy",
+    "LampStrategy",
     "make_strategy",
     "strategy_class",
     "make_sampler",
@@ -32,9 +33,9 @@ __all__ = [
 ]
 
 _STRATEGIES: dict[str, type[BaseStrategy]] = {
-    cls.name: cls for cls in (OptunaStrategy, RandomSearchStrategy, UniformStrategy, GlobalStrategy)
+    cls.name: cls for cls in (OptunaStrategy, RandomSearchStrategy, UniformStrategy, GlobalStrategy, LampStrategy)
 }
-STRATEGY_NAMES = ("optuna", "rl", "random", "uniform", "global")
+STRATEGY_NAMES = ("optuna", "rl", "random", "uniform", "global", "lamp")
 
 
 def strategy_class(name: str) -> type[BaseStrategy]:

@@ -80,7 +80,7 @@ class SearchContext(abc.ABC):
         bounds: ratio range of every group (non-searched groups are (0, 0)).
         round_to: channel-count multiple.
         seed: the search's seed (a worker's seed when several workers share the study).
-        baselines: the uniform and global plans at the budget.
+        baselines: the uniform and global plans at the budget (in sparsity mode also ``lamp``).
         latency: the latency predictor of a search that measures latency (else None); a latency
             budget's costs come from it.
         is_new_study: whether this process created the study (nothing of an earlier search under

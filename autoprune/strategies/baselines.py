@@ -1,10 +1,12 @@
-"""The two baselines that need no search: one trial each, tracked like any other."""
+"""The baselines that need no search: one trial each, tracked like any other. ``uniform`` and
+``global`` serve both modes (in sparsity mode ``global`` is global magnitude pruning); ``lamp``
+(layer-adaptive magnitude scores) is a sparsity-mode baseline."""
 
 from __future__ import annotations
 
 from .base import BaseStrategy, SearchContext
 
-__all__ = ["UniformStrategy", "GlobalStrategy"]
+__all__ = ["UniformStrategy", "GlobalStrategy", "LampStrategy"]
 
 
 class _FixedPlanStrategy(BaseStrategy):
@@ -24,6 +26,13 @@ class UniformStrategy(_FixedPlanStrategy):
 
 
 class GlobalStrategy(_FixedPlanStrategy):
-    """Torch-Pruning's global ranking of channel importance, cut at the budget."""
+    """Torch-Pruning's global ranking of channel importance, cut at the budget (sparsity mode:
+    global magnitude ranking of single weights)."""
 
     name = "global"
+
+
+class LampStrategy(_FixedPlanStrategy):
+    """LAMP's layer-adaptive ranking of single weights, cut at the budget (sparsity mode only)."""
+
+    name = "lamp"

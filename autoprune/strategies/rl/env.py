@@ -158,12 +158,11 @@ class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
         smallest, _ = grid.lattice.extremes()
         self._max_removed = grid.dense - smallest  # (G,) most channels each group may remove
         self._limit = grid.limit
-        # Clipping needs the budget's metric as a function of the (continuous) channels removed.
-        if self.budget.is_latency and latency is not None:  # Grid refused latency without a predictor
-            predict = latency.predict_kept  # interpolates between measured channel counts
-            self._metric_cost: Callable[[np.ndarray], float] = lambda removed: predict(self._dense - removed)
-        else:
-            self._metric_cost = profile.cost.macs if self.budget.metric == "flops" else profile.cost.params
+        # Clipping needs the budget's metric as a function of the (continuous) channels removed: the
+        # projection's own cost (MACs, parameters, predicted latency, or in sparsity mode nonzero
+        # weights and compressed bytes, all of which take fractional counts).
+        cost = grid.cost
+        self._metric_cost: Callable[[np.ndarray], float] = lambda removed: cost(self._dense - removed)
         self._steps = [i for i in range(len(self._names)) if self._high[i] > self._low[i]]
         if not self._steps:
             raise ConfigError("PruningEnv has no group to search: every group's ratio range is a single value.")
