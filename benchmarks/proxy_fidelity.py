@@ -36,6 +36,7 @@ from scipy import stats
 sys.path.insert(0, str(Path(__file__).parent))
 import autoprune as ap  # noqa: E402
 from _machine import machine_info, write_results  # noqa: E402
+from autoprune.evaluate import Fidelity  # noqa: E402
 from autoprune.export import prune_and_finetune  # noqa: E402
 from autoprune.train import score_model  # noqa: E402
 from search_quality import shipped_space  # noqa: E402
@@ -92,21 +93,38 @@ def run(args: argparse.Namespace) -> dict:
                                 local_sigma=args.local_sigma, seed=args.seed)
         print(f"flops={budget}: {len(plans)} plans chosen from {args.samples} random samples "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
-        proxies: dict[int, dict[str, float]] = {}
-        proxy_seconds: dict[int, float] = {}
+        # Proxies by name: "steps=N" (N SGD steps after recalibration, the single-fidelity proxy) and
+        # "rung=N" (a multi-fidelity trial's score at rung N: one cosine schedule over all rungs,
+        # with distillation, so a rung's score is what a stopped trial would have been judged on).
+        proxies: dict[str, dict[str, float]] = {}
+        proxy_seconds: dict[str, float] = {}
         for steps in args.proxy_steps:
             evaluator = ap.Evaluator(task, calibration_batches=ev.calibration_batches, val_samples=ev.val_samples,
                                      finetune_steps=steps, importance=ev.importance, seed=args.seed)
             results = {label: evaluator.evaluate(plan) for label, plan in plans.items()}
-            proxies[steps] = {label: r.val_score for label, r in results.items()}
-            proxy_seconds[steps] = statistics.mean(r.seconds for r in results.values())
-            print(f"  proxy finetune_steps={steps}: {proxy_seconds[steps]:.1f} s per plan", flush=True)
+            proxies[f"steps={steps}"] = {label: r.val_score for label, r in results.items()}
+            proxy_seconds[f"steps={steps}"] = statistics.mean(r.seconds for r in results.values())
+            print(f"  proxy finetune_steps={steps}: {proxy_seconds[f'steps={steps}']:.1f} s per plan", flush=True)
+        if args.fidelity_rungs:
+            evaluator = ap.Evaluator(task, calibration_batches=ev.calibration_batches, val_samples=ev.val_samples,
+                                     importance=ev.importance, seed=args.seed,
+                                     fidelity=Fidelity(rungs=tuple(args.fidelity_rungs), distill=True))
+            at_rung: dict[int, dict[str, float]] = {r: {} for r in args.fidelity_rungs}
+            seconds = []
+            for label, plan in plans.items():
+                result = evaluator.evaluate(plan, on_step=lambda step, score, label=label: at_rung[step].__setitem__(label, score))
+                seconds.append(result.seconds)
+            for rung in args.fidelity_rungs:
+                proxies[f"rung={rung}"] = at_rung[rung]
+                proxy_seconds[f"rung={rung}"] = statistics.mean(seconds)  # the whole trial: all rungs
+            print(f"  fidelity rungs {args.fidelity_rungs}: {statistics.mean(seconds):.1f} s per plan", flush=True)
 
         def finetuned(label: str, seed: int) -> float:
-            key = f"{args.task}|{budget}|{label}|{seed}|{args.finetune_epochs}|{args.seed}|{args.samples}"
+            distill = "|distill" if args.distill else ""
+            key = f"{args.task}|{budget}|{label}|{seed}|{args.finetune_epochs}|{args.seed}|{args.samples}{distill}"
             if key not in cache:
                 model = prune_and_finetune(task, plans[label], epochs=args.finetune_epochs, importance=ev.importance,
-                                           seed=seed, show_progress=False)
+                                           seed=seed, show_progress=False, distill=args.distill)
                 cache[key] = score_model(model, val_batches, task.score_fn)
                 cache_path.write_text(json.dumps(cache, indent=1))
                 print(f"  {label:10s} seed {seed}: fine-tuned val {cache[key]:.4f}", flush=True)
@@ -117,25 +135,25 @@ def run(args: argparse.Namespace) -> dict:
         near = [label for label in labels if label.startswith("near-uniform")] + ["uniform"]
         y = [after[label] for label in labels]
         rows = []
-        for steps in args.proxy_steps:
-            x = [proxies[steps][label] for label in labels]
-            top = max(labels, key=lambda label: proxies[steps][label])
+        for proxy in proxies:
+            x = [proxies[proxy][label] for label in labels]
+            top = max(labels, key=lambda label: proxies[proxy][label])
             row = {
-                "finetune_steps": steps, "seconds_per_plan": proxy_seconds[steps],
+                "proxy": proxy, "seconds_per_plan": proxy_seconds[proxy],
                 "kendall_tau": float(stats.kendalltau(x, y).statistic),
                 "spearman_rho": float(stats.spearmanr(x, y).statistic),
                 "top_plan": top, "top_plan_finetuned": after[top],
             }
             if len(near) > 2:  # does the proxy still rank plans that differ only a little?
                 row["kendall_tau_near_uniform"] = float(stats.kendalltau(
-                    [proxies[steps][label] for label in near], [after[label] for label in near]).statistic)
+                    [proxies[proxy][label] for label in near], [after[label] for label in near]).statistic)
             rows.append(row)
         # Fine-tuning noise: the same plan, other seeds; a proxy cannot rank finer than this.
-        noise_labels = ["uniform", max(labels, key=lambda label: proxies[0][label])]
+        noise_labels = ["uniform", max(labels, key=lambda label: proxies["steps=0"][label])]
         noise = {label: [finetuned(label, s) for s in [args.seed, *args.noise_seeds]] for label in noise_labels}
         out.append({
             "budget": budget, "plans": {label: {"kept": plans[label].kept, "macs_ratio": plans[label].metrics.get("macs_ratio"),
-                                                "proxies": {str(s): proxies[s][label] for s in args.proxy_steps},
+                                                "proxies": {proxy: proxies[proxy][label] for proxy in proxies},
                                                 "finetuned_val": after[label]} for label in labels},
             "proxies": rows, "best_finetuned": max(y), "best_finetuned_plan": max(labels, key=after.get),
             "best_near_uniform_minus_uniform_points": 100 * (max(after[label] for label in near) - after["uniform"]),
@@ -151,16 +169,16 @@ def markdown(payload: dict) -> str:
         f"Task {s['task']}; {s['plans']} plans at evenly spaced ranks of the default proxy among {s['samples']} random "
         f"samples, plus uniform, global and {s['local']} plans near uniform (ratios perturbed by a normal "
         f"of std {s['local_sigma']}, then projected onto the budget). Each plan fine-tuned {s['finetune_epochs']} epoch(s) with the search-quality "
-        f"recipe and scored on the whole validation split ({payload['val_images']:,} images); the test split is not read.",
+        f"recipe (distillation {'on' if s.get('distill') else 'off'}) and scored on the whole validation split ({payload['val_images']:,} images); the test split is not read.",
         "",
-        "| MACs budget | proxy finetune_steps | s per plan | Kendall tau | Spearman rho | Kendall tau near uniform | proxy's top plan | its fine-tuned val | best fine-tuned val | uniform fine-tuned val |",
+        "| MACs budget | proxy | s per plan | Kendall tau | Spearman rho | Kendall tau near uniform | proxy's top plan | its fine-tuned val | best fine-tuned val | uniform fine-tuned val |",
         "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for b in payload["budgets"]:
         uniform = b["plans"]["uniform"]["finetuned_val"]
         for r in b["proxies"]:
             lines.append(
-                f"| {b['budget']} | {r['finetune_steps']} | {r['seconds_per_plan']:.1f} | {r['kendall_tau']:+.2f} | "
+                f"| {b['budget']} | {r.get('proxy', 'steps=' + str(r.get('finetune_steps')))} | {r['seconds_per_plan']:.1f} | {r['kendall_tau']:+.2f} | "
                 f"{r['spearman_rho']:+.2f} | {r.get('kendall_tau_near_uniform', float('nan')):+.2f} | {r['top_plan']} | {100 * r['top_plan_finetuned']:.2f} | "
                 f"{100 * b['best_finetuned']:.2f} | {100 * uniform:.2f} |"
             )
@@ -186,6 +204,9 @@ def main() -> None:
     parser.add_argument("--local-sigma", type=float, default=0.1, help="std of their ratio perturbation")
     parser.add_argument("--proxy-steps", nargs="+", type=int, default=[0, 25, 100])
     parser.add_argument("--finetune-epochs", type=float, default=1.0)
+    parser.add_argument("--distill", action="store_true", help="fine-tune every plan from the dense model's logits")
+    parser.add_argument("--fidelity-rungs", nargs="*", type=int, default=[],
+                        help="also score each plan at these multi-fidelity rungs (SGD steps, distilled), e.g. 0 100 400")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise-seeds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--threads", type=int, default=2)
@@ -201,7 +222,8 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "threads")},
         "wall_seconds": time.perf_counter() - start, **raw,
     }
-    write_results("proxy_fidelity", payload, markdown(payload))
+    stem = "proxy_fidelity" if args.task == "fashionmnist-resnet20" else f"proxy_fidelity_{args.task}"
+    write_results(stem, payload, markdown(payload))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 sys.path.insert(0, str(Path(__file__).parent))
 import autoprune as ap  # noqa: E402
@@ -30,13 +31,22 @@ from _machine import RESULTS, machine_info, write_results  # noqa: E402
 from autoprune import plots  # noqa: E402
 from autoprune.export import prune_and_finetune, uniform_wins_on_val  # noqa: E402
 from autoprune.latency import LatencySettings, measure_latency  # noqa: E402
+from autoprune.space import FidelitySettings  # noqa: E402
 from autoprune.study import completed_trials  # noqa: E402
+from autoprune.task import score_test_splits  # noqa: E402
 from autoprune.tracking import Tracker  # noqa: E402
 from autoprune.train import score_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-STRATEGIES = ("uniform", "global", "random", "optuna", "rl")
-SEARCHING = ("random", "optuna", "rl")
+STRATEGIES = ("uniform", "global", "random", "optuna", "optuna-mf", "rl")
+SEARCHING = ("random", "optuna", "optuna-mf", "rl")
+#: Multi-fidelity TPE: scores after BatchNorm recalibration, then after 100 and 400 SGD steps with
+#: distillation; successive halving stops the candidates that rank low at a rung.
+MF_FIDELITY = {"rungs": [0, 100, 400], "pruner": "successive_halving", "distill": True}
+#: Trials a multi-fidelity search adds between checks of its evaluation time.
+MF_CHUNK = 5
+#: torch threads of every search and fine-tune (--threads); a search would otherwise take all cores.
+THREADS = 2
 
 
 def shipped_space(task: str, finetune_steps: int | None = None) -> ap.SearchSpace:
@@ -57,26 +67,52 @@ def _curve(study: optuna.Study) -> list[float]:
     return curve
 
 
+def _evaluation_seconds(study: optuna.Study) -> float:
+    """Seconds the study's trials spent evaluating candidates, stopped ones included."""
+    return sum((t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials
+               if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+               and t.datetime_complete and t.datetime_start)
+
+
 def run_one(task: str, budget: float, strategy: str, seed: int, evaluations: int, workdir: Path,
-            finetune_steps: int | None) -> dict:
+            finetune_steps: int | None, match_seconds: float | None = None) -> dict:
+    """One search; with ``match_seconds``, trials are added in chunks until the study has spent at
+    least that long evaluating (equal evaluation time with the strategy it is compared with)."""
     start = time.perf_counter()
     proxy = f"-ft{finetune_steps}" if finetune_steps else ""
-    result = ap.search(shipped_space(task, finetune_steps), strategy=strategy, budget=f"flops={budget}", n_trials=evaluations,
-                       seed=seed, study=f"{task}-{strategy}-{budget}-s{seed}{proxy}", workdir=workdir,
-                       show_progress=False)
-    study = optuna.load_study(study_name=result.study_name, storage=result.storage_url)
+    space = shipped_space(task, finetune_steps)
+    name = strategy
+    if strategy == "optuna-mf":
+        space = space.model_copy(update={"evaluation": space.evaluation.model_copy(
+            update={"fidelity": FidelitySettings(**MF_FIDELITY), "finetune_steps": 0})})
+        strategy = "optuna"
+    study_name = f"{task}-{name}-{budget}-s{seed}{proxy}"
+    n = evaluations if match_seconds is None else MF_CHUNK
+    while True:
+        result = ap.search(space, strategy=strategy, budget=f"flops={budget}", n_trials=n, seed=seed, threads=THREADS,
+                           study=study_name, workdir=workdir, show_progress=False)
+        study = optuna.load_study(study_name=result.study_name, storage=result.storage_url)
+        if match_seconds is None or _evaluation_seconds(study) >= match_seconds:
+            break
+        n += MF_CHUNK
     trials = completed_trials(study)
     # From the study's own clock, so a study finished by an earlier (killed) run reports its real cost.
     wall = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds() \
         if trials else time.perf_counter() - start
     seconds = [t.user_attrs["result"]["seconds"] for t in trials]
-    return {"result": result, "curve": _curve(study), "wall_seconds": wall, "evaluations": len(trials),
+    stopped = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
+    return {"result": result, "curve": _curve(study), "wall_seconds": wall, "evaluations": len(trials) + stopped,
+            "stopped": stopped, "evaluation_seconds": _evaluation_seconds(study),
             "evaluations_per_minute": 60.0 * len(seconds) / sum(seconds) if seconds else None}
 
 
-def finetune_and_test(task: ap.Task, plan: ap.Plan, *, epochs: float, seed: int, importance: str) -> tuple[float, torch.nn.Module]:
-    model = prune_and_finetune(task, plan, epochs=epochs, importance=importance, seed=seed, show_progress=False)
-    return score_model(model, task.test_loader, task.score_fn), model
+def finetune_and_test(task: ap.Task, plan: ap.Plan, *, epochs: float, seed: int, importance: str,
+                      distill: bool = False) -> tuple[dict[str, float], torch.nn.Module]:
+    """The plan fine-tuned by the benchmark's one recipe, and its scores on the test split (``test``)
+    and its subsets (``test_lossless`` for CIFAR-10's lossless images)."""
+    model = prune_and_finetune(task, plan, epochs=epochs, importance=importance, seed=seed, show_progress=False,
+                               distill=distill)
+    return score_test_splits(model, task), model
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -87,7 +123,8 @@ def _key(task: str, budget: float, strategy: str, seed: int, args: argparse.Name
     n = args.evaluations if strategy in SEARCHING else 1
     # Keys of runs with the default proxy are unchanged, so their cached rows stay valid.
     proxy = f"|ft{args.finetune_steps}" if args.finetune_steps and strategy in SEARCHING else ""
-    return f"{task}|{budget}|{strategy}|{seed}|{n}|{args.finetune_epochs}{proxy}"
+    distill = "|distill" if args.distill else ""
+    return f"{task}|{budget}|{strategy}|{seed}|{n}|{args.finetune_epochs}{proxy}{distill}"
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -121,18 +158,25 @@ def run(args: argparse.Namespace) -> dict:
                         outcome = {"result": earlier["_result"], "curve": earlier["curve"], "wall_seconds": earlier["search_wall_seconds"],
                                    "evaluations": 1, "evaluations_per_minute": earlier["evaluations_per_minute"]}
                     else:
-                        outcome = run_one(task_name, budget, strategy, seed, n, workdir, args.finetune_steps)
+                        # Multi-fidelity TPE gets the evaluation time single-fidelity TPE spent on the same seed.
+                        reference = next((r for r in rows if (r["task"], r["budget"], r["strategy"], r["seed"])
+                                          == (task_name, budget, "optuna", seed)), None) if strategy == "optuna-mf" else None
+                        outcome = run_one(task_name, budget, strategy, seed, n, workdir, args.finetune_steps,
+                                          match_seconds=reference["evaluation_seconds"] if reference else None)
                     result = outcome["result"]
                     start = time.perf_counter()
-                    test_score, model = finetune_and_test(task, result.best_plan, epochs=args.finetune_epochs,
-                                                          seed=seed, importance=importance)
+                    tests, model = finetune_and_test(task, result.best_plan, epochs=args.finetune_epochs,
+                                                     seed=seed, importance=importance, distill=args.distill)
+                    test_score = tests["test"]
                     latency = measure_latency(model, task.example_input, latency_settings)
                     # What `export --choose val` compares: the fine-tuned model on the validation split.
                     val_finetuned = score_model(model, task.val_loader, task.score_fn)
                     row = {
                         "task": task_name, "budget": budget, "strategy": strategy, "seed": seed,
                         "best_val_score": result.best_result.val_score, "test_score_finetuned": test_score,
-                        "val_score_finetuned": val_finetuned,
+                        **{f"{k}_score_finetuned": v for k, v in tests.items() if k != "test"},
+                        "val_score_finetuned": val_finetuned, "stopped": outcome.get("stopped", 0),
+                        "evaluation_seconds": outcome.get("evaluation_seconds"),
                         "macs_ratio": result.best_result.macs_ratio, "latency_ms": latency.median_ms,
                         "evaluations": outcome["evaluations"], "search_wall_seconds": outcome["wall_seconds"],
                         "finetune_seconds": time.perf_counter() - start,
@@ -163,16 +207,29 @@ def summarize(raw: dict, args: argparse.Namespace) -> dict:
                     continue
                 val_m, val_s = _mean_std([r["best_val_score"] for r in sel])
                 test_m, test_s = _mean_std([r["test_score_finetuned"] for r in sel])
-                table.append({
+                entry = {
                     "task": task, "budget": budget, "strategy": strategy, "seeds": len(sel),
                     "val_mean": val_m, "val_std": val_s, "test_mean": test_m, "test_std": test_s,
                     "macs_ratio": statistics.mean(r["macs_ratio"] for r in sel),
                     "latency_ms": statistics.mean(r["latency_ms"] for r in sel),
-                    "evaluations": sel[0]["evaluations"],
+                    "evaluations": statistics.mean(r["evaluations"] for r in sel),
+                    "stopped": statistics.mean(r.get("stopped", 0) for r in sel),
                     "wall_seconds": statistics.mean(r["search_wall_seconds"] for r in sel),
-                    "evaluations_per_minute": statistics.mean(r["evaluations_per_minute"] for r in sel
-                                                              if r["evaluations_per_minute"]),
-                })
+                    "evaluations_per_minute": statistics.mean([r["evaluations_per_minute"] for r in sel
+                                                               if r["evaluations_per_minute"]] or [0.0]),
+                }
+                for split in ("val", "test_lossless"):
+                    values = [r[f"{split}_score_finetuned"] for r in sel if f"{split}_score_finetuned" in r]
+                    if len(values) == len(sel):
+                        entry[f"{split}_finetuned_mean"], entry[f"{split}_finetuned_std"] = _mean_std(values)
+                # Paired by seed: each seed fine-tunes both plans with the same seed.
+                for baseline in ("uniform", "global"):
+                    base = {r["seed"]: r["test_score_finetuned"] for r in rows
+                            if (r["task"], r["budget"], r["strategy"]) == (task, budget, baseline)}
+                    diffs = [100 * (r["test_score_finetuned"] - base[r["seed"]]) for r in sel if r["seed"] in base]
+                    if diffs and strategy != baseline:
+                        entry[f"minus_{baseline}_points"] = _mean_std(diffs)
+                table.append(entry)
     verdicts = []
     for task in args.tasks:
         for budget in args.budgets:
@@ -203,7 +260,34 @@ def summarize(raw: dict, args: argparse.Namespace) -> dict:
                     "tpe_mean_curve_evaluations_to_reach_rl_mean_final": mean_reach,
                 })
             verdicts.append(verdict)
-    return {"table": table, "verdicts": verdicts, "choose_val": _choose_val(rows, args)}
+    return {"table": table, "verdicts": verdicts, "choose_val": _choose_val(rows, args), "best_search": _best_search(table)}
+
+
+#: The CIFAR issue's targets for the best searching strategy: points above uniform per MACs budget,
+#: and above global at 0.3; each gap must also exceed twice its spread over seeds.
+UNIFORM_TARGETS, GLOBAL_TARGETS = {0.5: 0.5, 0.3: 1.0, 0.2: 1.5}, {0.3: 0.5}
+
+
+def _best_search(table: list[dict]) -> list[dict]:
+    """Per task and budget, the searching strategy with the best mean test score after fine-tuning,
+    its paired gaps to uniform and global, and whether they meet the targets."""
+    out = []
+    for task, budget in dict.fromkeys((t["task"], t["budget"]) for t in table):
+        searching = [t for t in table if (t["task"], t["budget"]) == (task, budget) and t["strategy"] in SEARCHING]
+        if not searching:
+            continue
+        best = max(searching, key=lambda t: t["test_mean"])
+        entry: dict = {"task": task, "budget": budget, "strategy": best["strategy"], "seeds": best["seeds"]}
+        for baseline, targets in (("uniform", UNIFORM_TARGETS), ("global", GLOBAL_TARGETS)):
+            gap = best.get(f"minus_{baseline}_points")
+            if gap is None:
+                continue
+            entry[f"minus_{baseline}_points"] = gap
+            if budget in targets:
+                entry[f"{baseline}_target"] = targets[budget]
+                entry[f"meets_{baseline}_target"] = gap[0] >= targets[budget] and gap[0] > 2 * gap[1]
+        out.append(entry)
+    return out
 
 
 def _choose_val(rows: list[dict], args: argparse.Namespace) -> list[dict]:
@@ -235,7 +319,9 @@ def plot_curves(raw: dict, workdir: Path, suffix: str = "") -> list[Path]:
     for (task, budget), by_strategy in raw["curves"].items():
         if not any(by_strategy.values()):
             continue
-        fig, ax = plots.plt.subplots(figsize=(6.4, 4.2))
+        fig = plots.Figure(figsize=(6.4, 4.2))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
         for strategy, curves in by_strategy.items():
             if not curves:
                 continue
@@ -268,16 +354,33 @@ def markdown(summary: dict, payload: dict) -> str:
         f"Measured on {m['cpu']} ({m['cores']} cores, torch {m['versions']['torch']}), {payload['date']}. "
         f"{payload['settings']['evaluations']} candidate evaluations per searching strategy, seeds "
         f"{payload['settings']['seeds']} (the seeds column says how many finished for every strategy), each best plan fine-tuned {payload['settings']['finetune_epochs']} epoch(s) "
-        "with the same recipe; test split used only for this table. Mean ± std over seeds.",
+        f"with the same recipe (distillation from the dense model: {'on' if payload['settings'].get('distill') else 'off'}); "
+        "optuna-mf is TPE with multi-fidelity candidates (rungs "
+        f"{MF_FIDELITY['rungs']} SGD steps, successive halving) given at least the evaluation time TPE spent on the same seed; "
+        "test split used only for this table. Mean ± std over seeds; differences to uniform and global are paired by seed "
+        "(each seed fine-tunes both plans with the same seed).",
         "",
-        "| task | MACs budget | strategy | seeds | best val score | test acc. after fine-tuning | MACs ratio | latency ms | evaluations | search wall s | evals/min |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| task | MACs budget | strategy | seeds | candidate val score | val acc. fine-tuned | test acc. fine-tuned "
+        "| lossless test | − uniform (points) | − global (points) | MACs ratio | latency ms | evaluations (stopped) "
+        "| search wall s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def pm(t: dict, key: str, scale: float = 100.0, digits: int = 2) -> str:
+        if f"{key}_mean" not in t:
+            return "–"
+        return f"{scale * t[f'{key}_mean']:.{digits}f} ± {scale * t[f'{key}_std']:.{digits}f}"
+
+    def gap(t: dict, baseline: str) -> str:
+        value = t.get(f"minus_{baseline}_points")
+        return f"{value[0]:+.2f} ± {value[1]:.2f}" if value else "–"
+
     for t in summary["table"]:
         lines.append(
-            f"| {t['task']} | {t['budget']} | {t['strategy']} | {t['seeds']} | {t['val_mean']:.4f} ± {t['val_std']:.4f} | "
-            f"{100 * t['test_mean']:.2f} ± {100 * t['test_std']:.2f} | {t['macs_ratio']:.3f} | {t['latency_ms']:.2f} | "
-            f"{t['evaluations']} | {t['wall_seconds']:.0f} | {t['evaluations_per_minute']:.0f} |"
+            f"| {t['task']} | {t['budget']} | {t['strategy']} | {t['seeds']} | {pm(t, 'val', 1.0, 4)} | "
+            f"{pm(t, 'val_finetuned')} | {pm(t, 'test')} | {pm(t, 'test_lossless_finetuned')} | {gap(t, 'uniform')} | "
+            f"{gap(t, 'global')} | {t['macs_ratio']:.3f} | {t['latency_ms']:.2f} | {t['evaluations']:.0f} "
+            f"({t.get('stopped', 0):.0f}) | {t['wall_seconds']:.0f} |"
         )
     lines += ["", "Targets, as measured (no tuning on the test split):", ""]
     for v in summary["verdicts"]:
@@ -294,6 +397,18 @@ def markdown(summary: dict, payload: dict) -> str:
                 f"mean curves: {v['tpe_mean_curve_evaluations_to_reach_rl_mean_final']}"
             )
         lines.append(f"- {v['task']} flops={v['budget']} ({v['seeds']} seed(s)): " + "; ".join(parts) + ".")
+    if summary.get("best_search"):
+        lines += ["", "The best searching strategy per budget (by mean test score after fine-tuning) against the "
+                  "baselines, paired by seed; a target is met when the mean gap reaches it and exceeds twice its spread:", ""]
+        for b in summary["best_search"]:
+            parts = []
+            for baseline in ("uniform", "global"):
+                if f"minus_{baseline}_points" in b:
+                    mean, spread = b[f"minus_{baseline}_points"]
+                    target = (f" (target ≥ {b[f'{baseline}_target']}: "
+                              f"{'met' if b[f'meets_{baseline}_target'] else 'NOT met'})") if f"{baseline}_target" in b else ""
+                    parts.append(f"{b['strategy']} − {baseline} = {mean:+.2f} ± {spread:.2f} points{target}")
+            lines.append(f"- {b['task']} flops={b['budget']} ({b['seeds']} seed(s)): " + "; ".join(parts) + ".")
     if summary.get("choose_val"):
         lines += ["", "TPE's plan through `autoprune export --choose val` (per seed, the better of TPE's and the uniform "
                   "plan on the validation split after fine-tuning):", ""]
@@ -317,6 +432,7 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=None,
                         help="SGD steps in each candidate evaluation (the proxy); default: the search space's")
     parser.add_argument("--finetune-epochs", type=float, default=1.0)
+    parser.add_argument("--distill", action="store_true", help="fine-tune every plan from the dense model's logits")
     parser.add_argument("--latency-batch", type=int, default=32)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--threads", type=int, default=2)
@@ -325,6 +441,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.tasks, args.budgets, args.seeds, args.evaluations, args.finetune_epochs = ["digits-cnn"], [0.5], [0, 1], 20, 2.0
+    global THREADS
+    THREADS = args.threads
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     raw = run(args)
@@ -332,7 +450,7 @@ def main() -> None:
     payload = {
         "benchmark": "search_quality", "date": time.strftime("%Y-%m-%d"), "machine": machine_info(),
         "settings": {"tasks": args.tasks, "budgets": args.budgets, "seeds": args.seeds, "evaluations": args.evaluations,
-                     "finetune_epochs": args.finetune_epochs, "quick": args.quick,
+                     "finetune_epochs": args.finetune_epochs, "distill": args.distill, "quick": args.quick,
                      "strategies": args.strategies, "candidate_finetune_steps": args.finetune_steps or 0,
                      "latency": raw["latency_settings"]},
         "wall_seconds": time.perf_counter() - start,
@@ -340,7 +458,8 @@ def main() -> None:
     }
     # A partial or non-default run gets its own files, so it never overwrites the full table.
     subset = "" if list(args.strategies) == list(STRATEGIES) else "_" + "-".join(args.strategies)
-    suffix = ("_quick" if args.quick else "") + (f"_ft{args.finetune_steps}" if args.finetune_steps else "") + subset
+    tasks = "" if args.quick or args.tasks == ["fashionmnist-resnet20"] else "_" + "-".join(args.tasks)
+    suffix = ("_quick" if args.quick else "") + tasks + (f"_ft{args.finetune_steps}" if args.finetune_steps else "") + subset
     RESULTS.mkdir(parents=True, exist_ok=True)  # the plots land there before the results files
     plot_curves(raw, Path(raw["workdir"]), suffix)
     write_results(f"search_quality{suffix}", payload, markdown(summary, payload))
