@@ -103,10 +103,10 @@ def profile(
 
 @app.command()
 def apply(
-    plan: Annotated[Path, typer.Option("--plan", help="Plan JSON file (schema autoprune.plan/1).")],
+    plan: Annotated[Path, typer.Option("--plan", help="Plan JSON file (schema autoprune.plan/1, or /2 for sparsity plans).")],
     out: Annotated[Path, typer.Option("--out", help="Where to write the pruned model (.pt).")],
     task: Annotated[Optional[str], typer.Option("--task", help="Task whose dense model to prune (default: the plan's).")] = None,
-    importance: Annotated[str, typer.Option("--importance", help="l1, l2, taylor, bn_scale or random.")] = "l1",
+    importance: Annotated[str, typer.Option("--importance", help="l1, l2, taylor, bn_scale or random (sparsity plans: not bn_scale).")] = "l1",
     recalibrate: Annotated[bool, typer.Option(
         "--recalibrate/--no-recalibrate",
         help="Re-estimate BatchNorm statistics on 16x64 training images, as the search scored the plan.")] = True,
@@ -146,8 +146,12 @@ def apply(
     dense_macs, dense_params = count_macs_params(loaded.model, loaded.example_input)
     macs, params = count_macs_params(pruned, loaded.example_input)
     save_pruned(pruned, loaded_plan, out)
-    console.print(f"pruned {loaded.name}: MACs {dense_macs:,} -> {macs:,} ({macs / dense_macs:.3f}), "
-                  f"params {dense_params:,} -> {params:,} ({params / dense_params:.3f})")
+    if loaded_plan.mode == "sparsity":  # same shapes: the counts that change are the nonzeros
+        console.print(f"sparsified {loaded.name} ({loaded_plan.pattern}): nonzero weights {loaded_plan.metrics.get('nonzeros', 0):,.0f} "
+                      f"({loaded_plan.metrics.get('nonzeros_ratio', 1):.3f} of dense), written compressed")
+    else:
+        console.print(f"pruned {loaded.name}: MACs {dense_macs:,} -> {macs:,} ({macs / dense_macs:.3f}), "
+                      f"params {dense_params:,} -> {params:,} ({params / dense_params:.3f})")
     calibrated = (f"BatchNorm recalibrated on {sum(len(x) for x, _ in calibration)} training images"
                   if calibration else "BatchNorm statistics left as the dense model's (--no-recalibrate)")
     console.print(f"{calibrated}; not fine-tuned (autoprune export fine-tunes)")
@@ -187,7 +191,9 @@ def search(
     strategy: Annotated[Optional[str], typer.Option("--strategy", help=f"{', '.join(STRATEGY_NAMES)}.")] = None,
     sampler: Annotated[Optional[str], typer.Option("--sampler", help=f"Optuna sampler: {', '.join(SAMPLERS)}.")] = None,
     agent: Annotated[Optional[str], typer.Option("--agent", help=f"RL agent: {', '.join(AGENTS)}.")] = None,
-    budget: Annotated[Optional[str], typer.Option("--budget", help="flops=0.5 (MACs fraction), params=0.4, latency_ms=3.0 or latency=0.5 (fraction of dense); absolute counts >= 1 allowed.")] = None,
+    budget: Annotated[Optional[str], typer.Option("--budget", help="flops=0.5 (MACs fraction), params=0.4, latency_ms=3.0 or latency=0.5 (fraction of dense); with --mode sparsity nonzeros=0.1 (weights kept) or size=0.15 (compressed bytes); absolute counts >= 1 allowed.")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="channels (prune channels; default) or sparsity (zero single weights per layer).")] = None,
+    pattern: Annotated[Optional[str], typer.Option("--pattern", help="Sparsity pattern: unstructured or 2:4.")] = None,
     objective: Annotated[Optional[str], typer.Option("--objective", help="score (default) or pareto (maximize score, minimize MACs).")] = None,
     trials: Annotated[Optional[int], typer.Option("--trials", help="Finished trials the study should have in total.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the plan sequence (0..2**32-1; default: the space's).")] = None,
@@ -205,7 +211,7 @@ def search(
     with _latency_warnings_as_lines():
         result = run_search(
             space, task=task, strategy=strategy, sampler=sampler, agent=agent, budget=budget, objective=objective,
-            n_trials=trials, seed=seed, study=study, storage=storage, tracking_uri=tracking_uri, workers=workers,
+            mode=mode, pattern=pattern, n_trials=trials, seed=seed, study=study, storage=storage, tracking_uri=tracking_uri, workers=workers,
             threads=threads, workdir=workdir, data_root=data_root,
         )
     _print_search_result(result)
@@ -242,7 +248,7 @@ def export(
     out: Annotated[Path, typer.Option("--out", help="New directory for plan.json, model.pt/.pt2/.onnx, report.md/json.")],
     storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL the search used.")] = None,
     finetune_epochs: Annotated[float, typer.Option("--finetune-epochs", help="Fine-tuning epochs (cosine LR).")] = 1.0,
-    schedule: Annotated[str, typer.Option("--schedule", help="oneshot, or iterative:K (K prune/fine-tune steps).")] = "oneshot",
+    schedule: Annotated[str, typer.Option("--schedule", help="oneshot, iterative:K (K prune/fine-tune steps), or for sparsity searches polynomial:begin=0.0,end=0.75,power=3 (gradual).")] = "oneshot",
     budget: Annotated[Optional[str], typer.Option("--budget", help="Pick the best trial within flops=F (Pareto searches).")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri")] = None,
     choose: Annotated[str, typer.Option(

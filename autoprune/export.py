@@ -33,10 +33,11 @@ from .errors import ConfigError, StudyError, short
 from .latency import build_predictor, measure_many, simd_round_to
 from .plan import Plan, check_plan_matches
 from .precision import resolve_precision
-from .profile import ModelProfile, profile_model
+from .profile import ModelProfile
 from .pruned import PRUNED_FORMAT, load_pruned, save_pruned
 from .settings import SearchSettings, latency_settings, searched_in_memory
 from .space import LatencySpec
+from .sparsity import SparseExportReport, profile_for
 from .study import StoredTrial, best_trial, default_storage_url, load_study, read_record
 from .task import Task, load_task
 from .train import Distillation, FinetuneSchedule, predict, score_model, train_model
@@ -168,7 +169,7 @@ def export_study(
     precision: str = "fp32",
     show_progress: bool = True,
     task: Task | None = None,
-) -> ExportReport:
+) -> ExportReport | SparseExportReport:
     """Export a search's best feasible plan, its fine-tuned pruned model and a report.
 
     Writes ``plan.json``, ``model.pt`` (and ``model.pt2``/``model.onnx``), ``report.json`` and
@@ -183,6 +184,10 @@ def export_study(
     ``precision`` (``auto | fp32 | bf16``) is that of the fine-tuning. ``task`` is the
     :class:`~autoprune.Task` to prune instead of the one the study recorded; a study searched on a
     task object (``ap.search(task=task)``) needs that object again.
+
+    A sparsity search (``mode: sparsity``) is exported by :func:`autoprune.sparsity.export_sparse`:
+    its models are fine-tuned with their zeros held (``schedule`` may also be ``polynomial:...``,
+    gradual pruning), ``model.pt`` is the compressed file, and the report gives bytes and sparsity.
     """
     plan_schedule = FinetuneSchedule.parse(schedule)
     if choose not in EXPORT_CHOICES:
@@ -194,6 +199,15 @@ def export_study(
     inputs = _load_inputs(study_name, storage=storage, budget=budget, workdir=workdir, data_root=data_root,
                           tracking_uri=tracking_uri, task=task)
     chosen_precision = resolve_precision(precision, model=inputs.task.model, example_input=inputs.task.example_input)
+    if inputs.settings.space.mode == "sparsity":
+        from .sparsity import export_sparse
+
+        return export_sparse(inputs, out_dir, finetune_epochs=finetune_epochs, schedule=plan_schedule,
+                             choose=choose, distill=distill, precision=chosen_precision, show_progress=show_progress,
+                             workdir=workdir)
+    if plan_schedule.kind == "polynomial":
+        raise ConfigError(f"--schedule {plan_schedule} raises weight sparsity gradually and needs a sparsity search "
+                          "(mode: sparsity); this study prunes channels (mode: channels): use oneshot or iterative:K.")
     searched_model, uniform_plan_, uniform_model = _finetune_pair(
         inputs, epochs=finetune_epochs, schedule=plan_schedule, distill=distill, precision=chosen_precision,
         show_progress=show_progress)
@@ -227,6 +241,9 @@ def _load_inputs(study_name: str, *, storage: str | None, budget: str | None, wo
         )
     space = settings.space
     limit = Budget.parse(budget) if budget else None
+    if limit is not None and space.mode == "sparsity":
+        raise ConfigError(f"export --budget picks among a Pareto search's trials by MACs; study {study_name!r} is a "
+                          "sparsity search (mode: sparsity), whose trials all meet its own budget: leave --budget out.")
     if limit is not None and limit.metric != "flops":
         raise ConfigError("export --budget picks among trials by MACs; give it as flops=FRACTION.")
     if task is None:
@@ -238,7 +255,7 @@ def _load_inputs(study_name: str, *, storage: str | None, budget: str | None, wo
             )
         task = load_task(space.task_spec, data_root=data_root or settings.data_root,
                          workdir=workdir or settings.workdir)
-    profile = profile_model(task)
+    profile = profile_for(task, mode=space.mode, pattern=space.pattern)
     max_ratio = limit.fraction(profile) if limit else None
     chosen = best_trial(study, max_macs_ratio=max_ratio)
     if chosen is None:

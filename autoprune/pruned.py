@@ -3,6 +3,8 @@
 A pruned model file holds the plan (JSON text) and the pruned state dict, nothing else, so it
 loads with ``torch.load(weights_only=True)``. The architecture is rebuilt by applying the plan's
 channel counts to the task's dense architecture, then the saved weights are loaded into it.
+A sparsity plan's model is written compressed instead (bitmask + nonzero values per weight tensor,
+:mod:`autoprune.sparsity`); :func:`load_pruned` reads both.
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ PRUNED_FORMAT = "autoprune.pruned/1"
 
 
 def save_pruned(model: nn.Module, plan: Plan, path: str | os.PathLike[str]) -> Path:
-    """Write ``{"format", "plan", "state_dict"}`` atomically to ``path``."""
+    """Write ``{"format", "plan", "state_dict"}`` atomically to ``path`` (a sparsity plan's model:
+    the compressed ``autoprune.sparse/1`` file, see :func:`autoprune.sparsity.save_sparse`)."""
+    if plan.mode == "sparsity":
+        from .sparsity import save_sparse
+
+        return save_sparse(model, plan, path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {
@@ -47,6 +54,7 @@ def load_pruned(
     """Rebuild a pruned model saved by :func:`save_pruned` on top of its dense architecture.
 
     ``dense_model`` supplies the architecture only (its weights are replaced); it is not modified.
+    A compressed sparse model file loads into a copy of the same shapes, bit for bit.
     """
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -57,6 +65,11 @@ def load_pruned(
             f"{path} is not a pruned model saved by autoprune ({type(exc).__name__}); it must load "
             "with torch.load(weights_only=True)."
         ) from None
+    from .sparsity import SPARSE_FORMAT
+    from .sparsity._format import model_from_payload
+
+    if isinstance(payload, dict) and payload.get("format") == SPARSE_FORMAT:
+        return model_from_payload(payload, path, dense_model, ignored_layers=ignored_layers)
     if (not isinstance(payload, dict) or payload.get("format") != PRUNED_FORMAT
             or not isinstance(payload.get("plan"), str) or not isinstance(payload.get("state_dict"), dict)):
         raise CheckpointError(f"{path} is not a pruned model of format {PRUNED_FORMAT!r} (a plan as JSON text "

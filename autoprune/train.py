@@ -47,29 +47,72 @@ class TrainRecipe:
 
 @dataclass(frozen=True)
 class FinetuneSchedule:
-    """How a pruned model is reached and fine-tuned: ``oneshot`` (prune once, then fine-tune) or
+    """How a pruned model is reached and fine-tuned: ``oneshot`` (prune once, then fine-tune),
     ``iterative:K`` (K steps, each removing 1/K of the channels to remove, then fine-tuning for
-    1/K of the epochs).
+    1/K of the epochs), or, for weight sparsity, ``polynomial`` (gradual magnitude pruning, Zhu &
+    Gupta 2017, as TensorFlow Model Optimization's ``PolynomialDecay``: every layer's sparsity
+    rises from ``begin`` to the plan's as ``final + (begin - final) * (1 - t / (end * T))**power``
+    over the first ``end`` of the T fine-tuning steps, then stays there while fine-tuning goes on).
 
     Attributes:
-        kind: ``oneshot`` or ``iterative``.
-        steps: prune/fine-tune steps (1 for oneshot).
+        kind: ``oneshot``, ``iterative`` or ``polynomial``.
+        steps: prune/fine-tune steps (1 for oneshot and polynomial).
+        begin: polynomial: the sparsity every layer starts at, in [0, 1) (capped at the layer's plan).
+        end: polynomial: the fraction of the fine-tuning steps, in (0, 1], by which every layer
+            reaches the plan's sparsity.
+        power: polynomial: the exponent (> 0); 3 prunes fast first and slowly near the end.
     """
 
-    kind: Literal["oneshot", "iterative"] = "oneshot"
+    kind: Literal["oneshot", "iterative", "polynomial"] = "oneshot"
     steps: int = 1
+    begin: float = 0.0
+    end: float = 0.75
+    power: float = 3.0
 
     @classmethod
     def parse(cls, text: str) -> FinetuneSchedule:
-        """``oneshot`` or ``iterative:K`` (K >= 1), as ``--schedule`` takes it."""
+        """``oneshot``, ``iterative:K`` (K >= 1) or ``polynomial[:begin=B,end=E,power=P]``, as
+        ``--schedule`` takes it."""
         if text == "oneshot":
             return cls()
-        kind, _, steps = text.partition(":")
-        if kind == "iterative" and steps.isdigit() and int(steps) >= 1:
-            return cls("iterative", int(steps))
-        raise ConfigError(f"--schedule {text!r} is not allowed; use oneshot or iterative:K with K >= 1.")
+        kind, _, rest = text.partition(":")
+        if kind == "iterative" and rest.isdigit() and int(rest) >= 1:
+            return cls("iterative", int(rest))
+        if kind == "polynomial":
+            return cls._polynomial(text, rest)
+        raise ConfigError(f"--schedule {text!r} is not allowed; use oneshot, iterative:K with K >= 1, or (sparsity "
+                          "searches) polynomial:begin=0.0,end=0.75,power=3.")
+
+    @classmethod
+    def _polynomial(cls, text: str, rest: str) -> FinetuneSchedule:
+        values = {"begin": 0.0, "end": 0.75, "power": 3.0}
+        for item in filter(None, rest.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep or key.strip() not in values:
+                raise ConfigError(f"--schedule {text!r}: {item!r} is not a setting of polynomial; give begin=, end= "
+                                  "and power=, e.g. polynomial:begin=0.0,end=0.75,power=3.")
+            try:
+                values[key.strip()] = float(value)
+            except ValueError:
+                raise ConfigError(f"--schedule {text!r}: {key.strip()}={value!r} is not a number.") from None
+        begin, end, power = values["begin"], values["end"], values["power"]
+        if not (0.0 <= begin < 1.0 and 0.0 < end <= 1.0 and power > 0 and math.isfinite(power)):
+            raise ConfigError(f"--schedule {text!r}: begin must be a sparsity in [0, 1), end a fraction of the "
+                              f"fine-tuning steps in (0, 1] and power > 0; got begin={begin:g}, end={end:g}, "
+                              f"power={power:g}.")
+        return cls("polynomial", 1, begin, end, power)
+
+    def sparsity_at(self, final: float, step: int, total: int) -> float:
+        """A layer's sparsity after ``step`` of ``total`` fine-tuning steps, ending at ``final``."""
+        if self.kind != "polynomial":
+            return final
+        start = min(self.begin, final)
+        progress = min(1.0, step / max(1.0, self.end * total))
+        return final + (start - final) * (1.0 - progress) ** self.power
 
     def __str__(self) -> str:
+        if self.kind == "polynomial":
+            return f"polynomial:begin={self.begin:g},end={self.end:g},power={self.power:g}"
         return "oneshot" if self.kind == "oneshot" else f"iterative:{self.steps}"
 
 
@@ -181,6 +224,7 @@ def train_model(
     state_path: str | os.PathLike[str] | None = None,
     on_epoch: Callable[[int, nn.Module], None] | None = None,
     distill: Distillation | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> nn.Module:
     """Train ``model`` in place for ``epochs`` passes over ``loader`` (fractions allowed).
 
@@ -191,6 +235,8 @@ def train_model(
     uninterrupted run; the file is removed when training ends. ``on_epoch(epoch, model)`` is
     called after each finished epoch (1-based). With ``distill`` the loss is the distillation
     loss against its teacher's logits on the same batch (``loss_fn`` is then not used).
+    ``on_step(step, total)`` is called after every optimizer step (1-based): how gradual pruning
+    changes its masks, and holds them, while the schedule runs.
 
     Returns the model, left in eval mode.
     """
@@ -237,6 +283,8 @@ def train_model(
                 optimizer.step()
                 schedule.step()
                 step += 1
+                if on_step is not None:
+                    on_step(step, total)
                 advance(1, f"loss {loss.item():.3f}")
                 if step >= total:
                     break

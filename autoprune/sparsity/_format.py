@@ -25,7 +25,8 @@ from ..errors import CheckpointError, PlanError, short
 from ..plan import Plan, check_plan_matches
 from ._profile import SparsityProfile, profile_weights
 
-__all__ = ["SPARSE_FORMAT", "compress_state", "decompress_state", "payload_bytes", "save_sparse", "load_sparse"]
+__all__ = ["SPARSE_FORMAT", "compress_state", "decompress_state", "payload_bytes", "sparse_payload", "save_sparse",
+           "load_sparse", "model_from_payload"]
 
 SPARSE_FORMAT = "autoprune.sparse/1"
 
@@ -79,16 +80,21 @@ def _sparse_keys(profile: SparsityProfile) -> set[str]:
     return {member.rsplit(":", 1)[0] for g in profile.groups for member in g.members}
 
 
+def sparse_payload(model: nn.Module, plan: Plan, *, profile: SparsityProfile | None = None) -> dict[str, Any]:
+    """What :func:`save_sparse` writes: the format, the plan, and the compressed state."""
+    if profile is None:
+        profile = profile_weights(model, torch.zeros(plan.input_shape), pattern=plan.pattern or "unstructured")
+    check_plan_matches(plan, [(g.name, g.channels) for g in profile.groups], what="the model to save")
+    return {"format": SPARSE_FORMAT, "plan": plan.to_json(indent=None),
+            **compress_state(model.state_dict(), _sparse_keys(profile))}
+
+
 def save_sparse(model: nn.Module, plan: Plan, path: str | os.PathLike[str], *,
                 profile: SparsityProfile | None = None) -> Path:
     """Write ``model`` (a sparsity plan's masked model) compressed, atomically, to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if profile is None:
-        profile = profile_weights(model, torch.zeros(plan.input_shape), pattern=plan.pattern or "unstructured")
-    check_plan_matches(plan, [(g.name, g.channels) for g in profile.groups], what="the model to save")
-    compressed = compress_state(model.state_dict(), _sparse_keys(profile))
-    payload = {"format": SPARSE_FORMAT, "plan": plan.to_json(indent=None), **compressed}
+    payload = sparse_payload(model, plan, profile=profile)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         torch.save(payload, tmp)
