@@ -217,6 +217,9 @@ def test_a_space_file_reads_pattern_2_4_unquoted_and_defaults_the_ratio_range(tm
 
 def test_a_sparsity_search_runs_every_baseline_and_tpe_and_tracks_sparsity_per_layer(workdir):
     result = ap.search(SPACE, n_trials=6, workdir=workdir, show_progress=False, threads=1)
+    # The README tells a reader to export this study by this name.
+    assert result.study_name == "digits-sparsity-optuna-tpe-nonzeros0.1"
+    assert f"autoprune export --study {result.study_name} --out sparse/" in (REPO / "README.md").read_text()
     study = optuna.load_study(study_name=result.study_name, storage=result.storage_url)
     trials = completed_trials(study)
     assert [t.user_attrs.get("baseline") for t in trials[:3]] == ["uniform", "global", "lamp"]
