@@ -60,41 +60,51 @@ def profile(
     workdir: WorkdirOpt = None,
     data_root: DataRootOpt = None,
 ) -> None:
-    """Show the prunable groups of a task's model, their channels and share of MACs."""
+    """Show the prunable groups of a task's model, their channels and share of MACs (a sparsity
+    space's: its weight tensors)."""
     from .profile import profile_model
     from .space import load_space
+    from .sparsity import profile_for, profile_weights
     from .task import builtin_task_names, dense_model, load_task
 
     if task and space:
         raise ConfigError("Give either --task or --space, not both.")
-    name = task or (load_space(space).task if space else load_space("default").task)
+    loaded = load_space(space) if space else None
+    name = task or (loaded.task if loaded else load_space("default").task)
+    mode, pattern = (loaded.mode, loaded.pattern) if loaded else ("channels", "unstructured")
     if name in builtin_task_names():
         model, example_input = dense_model(name, workdir=workdir, pretrained=False)
-        prof = replace(profile_model(model, example_input), task=name)
+        prof = replace(profile_weights(model, example_input, pattern=pattern) if mode == "sparsity"
+                       else profile_model(model, example_input), task=name)
     else:
         # Profiles need no trained weights: a declared task's model is not trained for one.
-        prof = profile_model(load_task(name, data_root=data_root, workdir=workdir, pretrained=False))
+        prof = profile_for(load_task(name, data_root=data_root, workdir=workdir, pretrained=False), mode=mode,
+                           pattern=pattern)
     if as_json:
         typer.echo(json.dumps(prof.to_dict(), indent=2))
         return
-    table = Table(title=f"{prof.task}: {len(prof.groups)} prunable groups, {prof.macs / 1e6:.2f} M MACs, "
-                        f"{prof.params / 1e6:.3f} M params (MACs as Torch-Pruning counts them)")
+    sparse = mode == "sparsity"
+    table = Table(title=f"{prof.task}: {len(prof.groups)} {'weight tensors' if sparse else 'prunable groups'}, "
+                        f"{prof.macs / 1e6:.2f} M MACs, {prof.params / 1e6:.3f} M params (MACs as Torch-Pruning counts them)")
     table.add_column("#", justify="right")
-    table.add_column("group (root layer)")
-    table.add_column("channels", justify="right")
+    table.add_column("layer" if sparse else "group (root layer)")
+    table.add_column("weights" if sparse else "channels", justify="right")
     table.add_column("MACs share", justify="right")
     table.add_column("prunes")
     table.add_column("layers coupled")
     for i, g in enumerate(prof.groups):
         members = ", ".join(m for m in g.members if m.endswith(":out"))
-        unit = (f"heads of {g.unit}" if g.kind == "heads" else f"{g.divisor} blocks" if g.divisor > 1 else "channels")
+        unit = (f"heads of {g.unit}" if g.kind == "heads" else f"{g.divisor} blocks" if g.divisor > 1
+                else f"weights ({pattern})" if sparse else "channels")
         if g.embedding:
             unit += " (embedding: whole unless asked)"
         table.add_row(str(i), escape(g.name), str(g.channels), f"{g.macs_share:.1%}", unit, escape(members))
     console.print(table)
-    console.print(f"never pruned: {escape(', '.join(prof.ignored_layers) or '-')} (and the input layer's input channels)")
     for group, why in prof.left_whole:
-        console.print(f"left whole: {escape(why)}")
+        console.print(f"left {'dense' if sparse else 'whole'}: {escape(why)}")
+    if sparse:  # weights are zeroed in place: no channel is removed, and dense kernels keep their speed
+        return
+    console.print(f"never pruned: {escape(', '.join(prof.ignored_layers) or '-')} (and the input layer's input channels)")
     from .latency import simd_round_to
 
     console.print(f"this CPU computes channels in blocks of {simd_round_to('cpu')}: for real speedups on it, search "

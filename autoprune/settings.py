@@ -107,7 +107,8 @@ class SearchSettings:
             "task": space.task_label, "budget": space.budget, "strategy": self.strategy_label,
             "objective": space.strategy.objective, "trials": space.strategy.trials, "seed": space.strategy.seed,
             "workers": self.workers, "study": self.study_name, "storage": redact(self.storage_url),
-            "groups": space.groups.model_dump(mode="json"), "evaluation": space.evaluation.model_dump(mode="json"),
+            "groups": {**space.groups.model_dump(mode="json"), "ratio": list(space.groups.ratio_range(space.mode))},
+            "evaluation": space.evaluation.model_dump(mode="json"),
             "dense_macs": profile.macs, "dense_params": profile.params,
             **({"mode": space.mode, "pattern": space.pattern} if space.mode != "channels" else {}),
         }

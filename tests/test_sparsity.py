@@ -215,6 +215,18 @@ def test_a_space_file_reads_pattern_2_4_unquoted_and_defaults_the_ratio_range(tm
     assert ap.load_space("default").groups.ratio_range("channels") == (0.0, 0.8)
 
 
+def test_profile_of_a_sparsity_space_lists_its_weight_tensors(capsys, tmp_path):
+    from autoprune.cli import run
+
+    path = tmp_path / "s.yaml"
+    path.write_text("task: digits-cnn\nmode: sparsity\npattern: 2:4\nbudget: {nonzeros: 0.6}\n")
+    assert run(["profile", "--space", str(path), "--json", "--workdir", str(tmp_path / "home")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["mode"] == "sparsity" and data["pattern"] == "2:4"
+    assert [g["name"] for g in data["groups"]] == ["conv2", "conv3", "fc1", "fc"]
+    assert [g["kind"] for g in data["groups"]] == ["weights"] * 4 and data["left_whole"][0]["group"] == "conv1"
+
+
 def test_a_sparsity_search_runs_every_baseline_and_tpe_and_tracks_sparsity_per_layer(workdir):
     result = ap.search(SPACE, n_trials=6, workdir=workdir, show_progress=False, threads=1)
     # The README tells a reader to export this study by this name.
