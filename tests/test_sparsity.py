@@ -256,6 +256,21 @@ def test_a_sparsity_search_runs_every_baseline_and_tpe_and_tracks_sparsity_per_l
     assert {"uniform_val_score", "global_val_score", "lamp_val_score"} <= set(parent.data.metrics)
 
 
+def test_the_rl_environment_steps_through_weight_tensors_under_a_sparsity_budget(session_workdir, digits_task):
+    import gymnasium
+
+    env = gymnasium.make("autoprune/Pruning-v0", task="digits-cnn", budget={"nonzeros": 0.1}, workdir=session_workdir)
+    assert env.unwrapped.stepped_names == ["conv1", "conv2", "conv3", "fc1", "fc"]
+    limit = 0.1 * profile_weights(digits_task).nonzeros
+    rng = np.random.default_rng(0)
+    for _ in range(3):  # whatever the actions, AMC's clipping and the projection meet the budget
+        env.reset(seed=0)
+        done = False
+        while not done:
+            _, reward, done, _, info = env.step(rng.uniform(-1, 1, size=1).astype(np.float32))
+        assert 0.995 * limit <= info["plan"].metrics["nonzeros"] <= limit and reward == -(1 - info["result"].val_score)
+
+
 def test_every_strategy_searches_a_size_budget_unchanged(workdir):
     # One workdir for all: its MLflow store is set up once.
     for strategy, trials in (("rl", 3), ("random", 2), ("lamp", 1), ("global", 1)):

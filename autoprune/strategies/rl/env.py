@@ -36,6 +36,7 @@ from ...evaluate import Evaluator, TrialResult
 from ...plan import Plan
 from ...profile import ModelProfile, profile_model
 from ...space import REWARDS, EvaluationSettings
+from ...sparsity import profile_weights
 from ...task import Task, load_task
 
 __all__ = ["PruningEnv", "EvaluateFn", "TrialFailed", "ENV_ID", "FEATURES", "action_to_ratio"]
@@ -86,7 +87,8 @@ class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
         task: a built-in task name, ``"package.module:function"``, or an :class:`autoprune.Task`.
             Optional when ``profile`` and ``evaluate_fn`` are given (the search runner's case).
         budget: ``{"flops": 0.5}``, ``"flops=0.5"`` or a :class:`autoprune.Budget`.
-        profile: the task's profile, to skip profiling it again.
+        profile: the task's profile, to skip profiling it again (by default its channel groups, or
+            for a ``nonzeros``/``size`` budget its weight tensors, unstructured).
         bounds: ratio range per group name (default (0, 0.8) for every group).
         round_to: channel-count multiple of the plans.
         reward: ``"error"`` (AMC's resource-constrained ``-error``) or ``"flops"``
@@ -135,7 +137,8 @@ class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
         if profile is None:
             if task is None:
                 raise ConfigError("PruningEnv needs task= (a name or an autoprune.Task) or profile=.")
-            profile = profile_model(task)
+            # A nonzeros= or size= budget searches weight sparsity: its dimensions are weight tensors.
+            profile = profile_weights(task) if self.budget.mode == "sparsity" else profile_model(task)
         if evaluate_fn is None and task is None:
             raise ConfigError("PruningEnv needs task= to evaluate plans, or evaluate_fn=.")
         self.task = task
