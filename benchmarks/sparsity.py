@@ -15,7 +15,11 @@ fine-tuning, and >= uniform + 1 point; at 0.95, TPE - uniform >= 3 points; the c
 Writes benchmarks/results/sparsity.{json,md} (``--quick``: sparsity_quick.*, digits-cnn only, two
 sparsities, a few trials: a check that the benchmark runs end to end, not a measurement). Studies
 and finished fine-tunes are kept in the workdir (default ./autoprune-runs/sparsity-bench), so an
-interrupted run resumes where it stopped.
+interrupted run resumes where it stopped. Dense checkpoints are looked up in <workdir>/checkpoints
+and among those autoprune ships (fashionmnist-resnet20); cifar10-resnet20 needs CIFAR-10 under
+--data-root (or AUTOPRUNE_DATA) and its trained checkpoint, ``autoprune train --task
+cifar10-resnet20 --workdir <workdir>``, or that file copied there; a task without them is skipped
+with the reason.
 
     python benchmarks/sparsity.py [--tasks fashionmnist-resnet20 cifar10-resnet20]
         [--sparsities 0.5 0.8 0.9 0.95] [--trials 100] [--epochs 1] [--seeds 0] [--workdir DIR]
