@@ -87,7 +87,7 @@ def _masked_copy(model: nn.Module, plan: Plan, example_input: torch.Tensor, impo
     if scores is None:
         criterion = importance if isinstance(importance, str) else importance.name
         scores = weight_scores(model, profile, criterion, batches=batches or ())
-    return WeightMasker(model, profile, scores).copy(plan.kept, hold=False)
+    return WeightMasker(model, profile=profile, scores=scores).copy(plan.kept, hold=False)
 
 
 def _cut_copy(model: nn.Module, plan: Plan, example_input: torch.Tensor, given_input: bool,

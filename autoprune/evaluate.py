@@ -214,7 +214,7 @@ class Evaluator:
             # Weights ranked once on the dense model: every candidate masks the same ranking.
             self.scores = weight_scores(task.model, self.profile, self.importance.name,  # type: ignore[arg-type]
                                         batches=self._train_batches[:4], seed=seed)
-            self._masker = WeightMasker(task.model, self.profile, self.scores)  # type: ignore[arg-type]
+            self._masker = WeightMasker(task.model, profile=self.profile, scores=self.scores)  # type: ignore[arg-type]
             return
         self.scores = pruning.channel_scores(
             task.model, task.example_input, self.importance,

@@ -121,7 +121,7 @@ def test_the_2_4_pattern_keeps_two_of_every_four_along_the_input_dimension(digit
         rows = (w.reshape(w.shape[0], -1) != 0).reshape(w.shape[0], -1, 4).sum(-1)
         assert (rows == (2 if kept < dense else 4)).all(), name
     with pytest.raises(ap.PlanError, match="under the 2:4 pattern a layer keeps all of them or half"):
-        WeightMasker(digits_task.model, profile, evaluator.scores).masks({"fc1": 100})
+        WeightMasker(digits_task.model, profile=profile, scores=evaluator.scores).masks({"fc1": 100})
 
 
 def test_masked_candidates_keep_shapes_and_hold_their_zeros_through_finetuning(digits_task, sparse_profile):

@@ -46,7 +46,7 @@ class MaskHolder:
     """The current masks of a model that trains sparse: gradient hooks read them, :meth:`enforce`
     writes them into the weights, :meth:`cut` ranks the current weights and tightens them."""
 
-    def __init__(self, model: nn.Module, profile: SparsityProfile, criterion: str, *,
+    def __init__(self, model: nn.Module, *, profile: SparsityProfile, criterion: str,
                  batches: list[tuple[torch.Tensor, torch.Tensor]], seed: int) -> None:
         self.model = model
         self.profile = profile
@@ -111,7 +111,7 @@ def sparsify_and_finetune(
     calibration = sample_calibration_batches(task.train_loader.dataset, calibration_batches, seed=seed)
     recipe = replace(task.recipe, lr=task.recipe.lr / 10)
     model = copy.deepcopy(task.model)
-    holder = MaskHolder(model, profile, importance, batches=calibration[:4], seed=seed)
+    holder = MaskHolder(model, profile=profile, criterion=importance, batches=calibration[:4], seed=seed)
     inputs = [x for x, _ in calibration]
     try:
         if schedule.kind == "polynomial" and epochs > 0:

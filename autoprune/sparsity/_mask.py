@@ -23,8 +23,8 @@ from torch import nn
 from ..errors import ConfigError, PlanError
 from ._profile import SparsityProfile
 
-__all__ = ["WEIGHT_CRITERIA", "weight_scores", "lamp_scores", "WeightMasker", "hold_masks", "measured_sparsity",
-           "masks_at"]
+__all__ = ["WEIGHT_CRITERIA", "weight_scores", "lamp_scores", "WeightMasker", "apply_masks", "hold_masks",
+           "measured_sparsity", "masks_at"]
 
 #: Criteria that rank single weights: magnitude (``l1``; ``l2`` ranks alike), first-order Taylor
 #: (``taylor``: (w * dL/dw)^2 averaged over training batches, Molchanov et al., 2019), ``random``.
@@ -127,7 +127,7 @@ class WeightMasker:
         scores: per-weight scores (see :func:`weight_scores`).
     """
 
-    def __init__(self, model: nn.Module, profile: SparsityProfile, scores: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, model: nn.Module, *, profile: SparsityProfile, scores: Mapping[str, np.ndarray]) -> None:
         self.model = model
         self.profile = profile
         self.scores = dict(scores)
