@@ -414,6 +414,14 @@ def profile_model(
         columns[group.name] = (base - _size_vector(quantities.keys, probe_calls, probe_params)) / step
     left_whole.update(_failing_at_minimum(surgeon, [g for g in raw_groups if g.name in columns], modules,
                                           example_input))
+    if not example_input.is_meta:  # a model small enough to run for real (see _for_tracing): check its numbers
+        one_step = {g.name: g.channels - g.step for g in raw_groups
+                    if g.name in columns and g.name not in left_whole and g.channels > g.step}
+        for name, error in pruning.inexact_groups(surgeon, one_step, example_input).items():
+            left_whole[name] = _why(next(g for g in raw_groups if g.name == name), modules,
+                                    f"removing its channels changes what the rest of the model computes (relative "
+                                    f"error {error:.1e}): an operation moves channels in a way Torch-Pruning does not "
+                                    "follow (a roll, flip or permutation along channels)")
     raw_groups = [g for g in raw_groups if g.name not in left_whole]
     if not raw_groups:
         reasons = "; ".join(f"{name}: {why}" for name, why in list(left_whole.items())[:4])

@@ -135,6 +135,29 @@ def test_a_model_torch_pruning_cannot_trace_is_refused_cleanly(monkeypatch):
         ap.profile_model(model, torch.zeros(1, 3, 32, 32))
 
 
+@pytest.mark.parametrize("move", ["roll", "flip"])
+def test_a_group_whose_channels_move_unseen_is_left_whole_not_pruned_wrongly(move):
+    class Moves(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 1)
+            self.head = torch.nn.Linear(8, 10)
+
+        def forward(self, x):
+            y = self.a(x)
+            # Torch-Pruning passes these through as if every channel stayed in place: the pruned
+            # copy runs and counts right, but b would lose the wrong inputs.
+            y = torch.roll(y, 1, dims=1) if move == "roll" else y.flip(1)
+            return self.head(self.b(y).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Moves().eval()
+    assert pruning.pruning_error(pruning.Surgeon(model, X), {"a": 6}, torch.randn(2, 1, 8, 8)) > 1e-2
+    profile = ap.profile_model(model, X)
+    assert profile.names == ["b"]
+    assert "changes what the rest of the model computes" in dict(profile.left_whole)["a"]
+
+
 def _random_input_matches(pruned, zeroed, shape):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

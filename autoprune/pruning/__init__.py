@@ -17,6 +17,7 @@ from ._graph import (
     prune_copy,
     shape_copy,
 )
+from ._exactness import EXACT_TOLERANCE, inexact_groups, pruning_error
 from ._trace import TRACE_LIMITS
 from .importance import (
     IMPORTANCE_NAMES,
@@ -51,4 +52,7 @@ __all__ = [
     "CallRecord",
     "trace_calls",
     "_block_indices",
+    "EXACT_TOLERANCE",
+    "inexact_groups",
+    "pruning_error",
 ]
