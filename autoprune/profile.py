@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import pruning
+from ._cost_terms import _FACTORS, Quantities, call_terms, dims, pad, size_vector
 from .errors import AutopruneError, ConfigError, UnsupportedModelError, short
 
 if TYPE_CHECKING:
@@ -80,8 +81,6 @@ class GroupInfo:
         }
 
 
-_ONE = 0  # index of the constant quantity 1, used to pad products
-_FACTORS = 8
 
 
 @dataclass(frozen=True, eq=False)
@@ -176,95 +175,6 @@ def fingerprint_of(groups: Sequence[tuple[str, int]]) -> str:
     """sha256 of the group names and dense channel counts, in profile order."""
     payload = json.dumps([[name, int(channels)] for name, channels in groups], separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()
-
-
-class _Quantities:
-    """Interns (call or parameter, size name) keys into quantity indices; index 0 is the constant 1."""
-
-    def __init__(self) -> None:
-        self.keys: list[tuple[Any, ...]] = [("one",)]
-        self.values: list[float] = [1.0]
-        self._index: dict[tuple[Any, ...], int] = {("one",): 0}
-
-    def add(self, key: tuple[Any, ...], value: float) -> int:
-        if key not in self._index:
-            self._index[key] = len(self.keys)
-            self.keys.append(key)
-            self.values.append(float(value))
-        return self._index[key]
-
-
-def _dims(sizes: Mapping[str, int], prefix: str) -> list[str]:
-    return sorted((k for k in sizes if k.startswith(prefix + ".")), key=lambda k: int(k.split(".")[1]))
-
-
-def _call_terms(
-    i: int, call: pruning.CallRecord, quantities: _Quantities
-) -> tuple[list[tuple[float, list[int], int, int]], bool]:
-    """(coef, numerator quantities, denominator quantity, owner quantity) per MAC term of a call.
-
-    Mirrors Torch-Pruning's counter hooks; returns ``modeled=False`` for kinds it does not scale.
-    """
-    s = call.sizes
-
-    def q(name: str) -> int:
-        return quantities.add(("call", i, name), s[name])
-
-    ins, outs = [q(k) for k in _dims(s, "in")], [q(k) for k in _dims(s, "out")]
-    if call.kind == "conv":
-        spatial = [q(k) for k in _dims(s, "out")[2:]]
-        batch = q("in.0")
-        out_ch = q("attr.out_channels")
-        terms = [(1.0, [q("attr.kernel"), q("attr.in_channels"), out_ch, batch, *spatial], q("attr.groups"), out_ch)]
-        if call.has_bias:
-            terms.append((1.0, [out_ch, batch, *spatial], _ONE, out_ch))
-        return terms, True
-    if call.kind == "linear":
-        last = outs[-1]
-        terms = [(1.0, [*ins, last], _ONE, last)]
-        if call.has_bias:
-            terms.append((1.0, [last], _ONE, last))
-        return terms, True
-    if call.kind in ("norm", "layernorm"):
-        owner = ins[1] if call.kind == "norm" else ins[-1]
-        return [(2.0 if call.affine else 1.0, ins, _ONE, owner)], True
-    if call.kind == "pool":
-        return [(1.0, ins, _ONE, ins[1] if len(ins) > 1 else ins[0])], True
-    if call.kind == "activation":
-        return [(1.0, outs, _ONE, outs[1] if len(outs) > 1 else outs[0])], True
-    if call.kind == "attention":
-        # Torch-Pruning's count of nn.MultiheadAttention, with the projected width (inner) apart
-        # from the embedding width where heads use it (pruning.attention_macs: the same sum).
-        batch, qlen, klen, vlen = q("attn.batch"), q("attn.qlen"), q("attn.klen"), q("attn.vlen")
-        embed, inner, heads = q("attn.embed"), q("attr.inner"), q("attr.num_heads")
-        terms = [(1.0, [batch, qlen, inner], _ONE, inner)]
-        terms += [(1.0, [batch, length, embed, inner], _ONE, inner) for length in (qlen, klen, vlen)]
-        if call.has_bias:
-            terms += [(1.0, [batch, length, inner], _ONE, inner) for length in (qlen, klen, vlen)]
-        terms += [(1.0, [batch, heads, qlen, klen], _ONE, inner), (2.0, [batch, qlen, klen, inner], _ONE, inner),
-                  (1.0, [batch, qlen, inner, embed], _ONE, inner), (1.0, [batch, qlen, embed], _ONE, embed)]
-        return terms, True
-    return [], False
-
-
-def _pad(indices: list[int]) -> list[int]:
-    if len(indices) > _FACTORS:
-        raise AutopruneError(f"a layer's cost has {len(indices)} factors; at most {_FACTORS} are modeled")
-    return indices + [_ONE] * (_FACTORS - len(indices))
-
-
-def _size_vector(
-    keys: list[tuple[Any, ...]], calls: list[pruning.CallRecord], params: Mapping[str, tuple[int, ...]]
-) -> np.ndarray:
-    values = np.empty(len(keys))
-    for j, key in enumerate(keys):
-        if key[0] == "one":
-            values[j] = 1.0
-        elif key[0] == "call":
-            values[j] = calls[key[1]].sizes[key[2]]
-        else:
-            values[j] = params[key[1]][key[2]]
-    return values
 
 
 def _why(group: pruning.RawGroup, modules: Mapping[str, nn.Module], problem: object) -> str:
@@ -377,15 +287,15 @@ def profile_model(
     dense_macs, dense_params = pruning.count_macs_params(model, example_input)
     calls, param_shapes = pruning.trace_calls(model, example_input)
 
-    quantities = _Quantities()
+    quantities = Quantities()
     mac_terms: list[tuple[float, list[int], int, int]] = []
     unmodeled_calls = False
     for i, call in enumerate(calls):
-        terms, modeled = _call_terms(i, call, quantities)
+        terms, modeled = call_terms(i, call, quantities)
         mac_terms += terms
         unmodeled_calls |= not modeled
     param_num = [
-        _pad([quantities.add(("param", pname, d), size) for d, size in enumerate(shape)])
+        pad([quantities.add(("param", pname, d), size) for d, size in enumerate(shape)])
         for pname, shape in param_shapes.items()
     ]
     base = np.array(quantities.values)
@@ -411,7 +321,7 @@ def profile_model(
         if [c.module for c in probe_calls] != [c.module for c in calls]:
             left_whole[group.name] = _why(group, modules, "pruning it changes which layers run")
             continue
-        columns[group.name] = (base - _size_vector(quantities.keys, probe_calls, probe_params)) / step
+        columns[group.name] = (base - size_vector(quantities.keys, probe_calls, probe_params)) / step
     left_whole.update(_failing_at_minimum(surgeon, [g for g in raw_groups if g.name in columns], modules,
                                           example_input))
     if not example_input.is_meta:  # a model small enough to run for real (see _for_tracing): check its numbers
@@ -437,7 +347,7 @@ def profile_model(
         base=base,
         slopes=slopes,
         mac_coef=np.array([t[0] for t in mac_terms]),
-        mac_num=np.array([_pad(t[1]) for t in mac_terms], dtype=np.int64).reshape(-1, _FACTORS),
+        mac_num=np.array([pad(t[1]) for t in mac_terms], dtype=np.int64).reshape(-1, _FACTORS),
         mac_den=np.array([t[2] for t in mac_terms], dtype=np.int64),
         mac_owner=np.array([owner_group[t[3]] for t in mac_terms], dtype=np.int64),
         mac_residual=0.0,
@@ -454,7 +364,7 @@ def profile_model(
     for g, raw in enumerate(raw_groups):
         root = modules[raw.name]
         root_call = next(c for c in calls if c.module == raw.name)
-        out_dims = _dims(root_call.sizes, "out")
+        out_dims = dims(root_call.sizes, "out")
         height = root_call.sizes[out_dims[2]] if len(out_dims) > 2 else 1
         width = root_call.sizes[out_dims[3]] if len(out_dims) > 3 else 1
         kernel = root_call.sizes.get("attr.kernel", 1)
