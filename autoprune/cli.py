@@ -211,7 +211,7 @@ def search(
     storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL (default sqlite under the workdir).")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI (default sqlite:///<workdir>/mlflow.db).")] = None,
     workers: Annotated[int, typer.Option("--workers", help="Worker processes sharing the study on this machine.")] = 1,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="torch threads per worker (default cores/workers).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="torch threads per worker (default: all cores, shared among --workers).")] = None,
     workdir: WorkdirOpt = None,
     data_root: DataRootOpt = None,
 ) -> None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ._declared import DeclaredTask
 from ._workdir import resolve_workdir
 from .budget import Budget
@@ -203,7 +205,9 @@ def resolve_settings(
     pareto = "-pareto" if loaded.strategy.objective == "pareto" else ""
     pattern_tag = f"-{loaded.pattern}" if loaded.mode == "sparsity" and loaded.pattern != "unstructured" else ""
     name = study or study_name_from(f"{loaded.display_name}-{label}-{budget_tag}{pattern_tag}{pareto}")
-    per_worker = threads or max(1, (os.cpu_count() or 1) // workers)
+    # One worker keeps the caller's torch thread count (torch's default is every core); several
+    # share the cores.
+    per_worker = threads or (torch.get_num_threads() if workers == 1 else max(1, (os.cpu_count() or 1) // workers))
     return SearchSettings(
         space=loaded, study_name=name, storage_url=storage or default_storage_url(home),
         tracking_uri=tracking_uri or default_tracking_uri(home), workdir=home,

@@ -1,5 +1,6 @@
 """What `pip install .` ships: a wheel that works away from the repository (#16)."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -7,7 +8,8 @@ import zipfile
 from conftest import REPO
 
 
-def test_the_wheel_ships_search_spaces_and_checkpoints_and_runs_outside_the_repository(tmp_path):
+def test_the_wheel_ships_search_spaces_and_checkpoints_and_runs_outside_the_repository(tmp_path, session_workdir,
+                                                                                       digits_task):
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(REPO)],
                    check=True, capture_output=True, timeout=300)
@@ -28,3 +30,11 @@ def test_the_wheel_ships_search_spaces_and_checkpoints_and_runs_outside_the_repo
                           env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(str(target)) and done.stdout.split()[-1] == "digits-cnn"
+    # `autoprune search` from an empty directory, as a user runs it after `pip install .` (the digits
+    # model this session trained is put where the search caches it, to skip training it again).
+    shutil.copytree(session_workdir / "checkpoints", elsewhere / "autoprune-runs" / "checkpoints")
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    searched = subprocess.run([sys.executable, "-m", "autoprune.cli", "search", "--trials", "2"], cwd=elsewhere,
+                              capture_output=True, text=True, timeout=600, env=env)
+    assert searched.returncode == 0, searched.stderr[-2000:]
+    assert "2 finished trials" in searched.stdout and (elsewhere / "autoprune-runs" / "mlflow.db").is_file()
