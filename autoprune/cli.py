@@ -298,22 +298,35 @@ def studies(
 
     url = check_storage_url(storage) if storage else default_storage_url(searched_workdir(workdir, command="studies"))
     found = list_studies(url)
-    table = Table(title=f"{len(found)} search(es) in {escape(redact(url))}")
-    for column in ("study", "task", "strategy", "budget", "trials", "best val score", "started", "last trial"):
-        # Names fold rather than end in an ellipsis: they are what --study takes.
-        table.add_column(column, justify="right" if column == "trials" else "left",
-                         overflow="fold" if column in ("study", "task") else "ellipsis")
+    columns = ("study", "task", "strategy", "budget", "trials", "best val score", "started", "last trial")
 
     def when(moment: object) -> str:
         return moment.strftime("%Y-%m-%d %H:%M") if moment is not None else "-"  # type: ignore[attr-defined]
 
+    rows = []
     for s in found:
         budget = ", ".join(f"{k}={v:g}" for k, v in (s.budget or {}).items()) or "-"
         best = f"{s.best_val_score:.4f} at MACs {s.best_macs_ratio:.3f}" if s.best_val_score is not None else "-"
         trials = f"{s.trials}/{s.planned}" if s.planned else str(s.trials)
-        table.add_row(escape(s.name), escape(s.task or "-"), s.strategy or "-", budget, trials, best,
-                      when(s.started), when(s.last_finished))
-    console.print(table)
+        rows.append((s.name, s.task or "-", s.strategy or "-", budget, trials, best, when(s.started),
+                     when(s.last_finished)))
+    title = f"{len(found)} search(es) in {escape(redact(url))}"
+    # A table wide enough to hold the names whole, else one block per study: folded names and
+    # squeezed columns are unreadable, and the names are what --study takes.
+    widths = [max(len(column), *(len(row[i]) for row in rows)) for i, column in enumerate(columns)]
+    if console.width >= 1 + sum(width + 3 for width in widths):  # each cell: padding and a border
+        table = Table(title=title)
+        for column in columns:
+            table.add_column(column, justify="right" if column == "trials" else "left", no_wrap=True)
+        for row in rows:
+            table.add_row(*map(escape, row))
+        console.print(table)
+    else:
+        console.print(title, highlight=False)
+        for row in rows:
+            console.print(f"\n[bold]{escape(row[0])}[/bold]", highlight=False, soft_wrap=True)
+            for column, value in zip(columns[1:], row[1:]):
+                console.print(f"  {column + ':':<16}{escape(value)}", highlight=False, soft_wrap=True)
     if found:
         console.print(f"export one with `autoprune export --study {escape(found[-1].name)} --out exported/`", highlight=False)
 

@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
 from ._workdir import exclusive_lock, sqlite_path
 from .errors import ConfigError, StorageError, redact, short
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 __all__ = ["Tracker", "default_tracking_uri", "check_server", "check_tracking_uri", "TRACKING_PARAM_LIMIT"]
 

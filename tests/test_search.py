@@ -234,6 +234,8 @@ def test_studies_lists_each_search_with_its_trials_and_best(workdir, capsys):
     assert run(["studies", "--workdir", str(workdir)]) == 0
     printed = capsys.readouterr().out
     assert "2 search(es)" in printed and "3/3" in printed
+    # Captured output is 80 columns wide: each name stays whole on its own line, not folded in a cell.
+    assert f"\n{first.study_name}\n" in printed and "\ndigits-cnn-uniform-flops0.5\n" in printed
 
 
 def test_task_flag_searches_another_task_with_the_same_space(workdir, capsys):
