@@ -107,3 +107,20 @@ def test_test_scores_report_the_lossless_subset():
                                test_subsets={"lossless": torch.utils.data.DataLoader(lossless, batch_size=64)})
     scores = score_test_splits(task.model, task)
     assert set(scores) == {"test", "test_lossless"}
+
+
+@needs_cifar
+def test_the_shipped_resnet20_checkpoint_scores_what_its_metadata_says(tmp_path):
+    import json
+
+    from autoprune.task import SHIPPED_CHECKPOINTS
+    from autoprune.train import score_model
+
+    meta = json.loads((SHIPPED_CHECKPOINTS / "cifar10-resnet20.json").read_text())
+    # The issue's bar for ResNet-20, on the images that are exact copies of CIFAR-10's (the other 9,000
+    # test images are JPEG copies, which cost a model trained on lossless images about 11 points).
+    assert meta["epochs"] == 160 and meta["test_lossless_accuracy"] >= 0.915 and meta["val_accuracy"] >= 0.915
+    # An empty workdir, so the shipped file is the one loaded; the 1,000 lossless test images only.
+    task = ap.load_task("cifar10-resnet20", workdir=tmp_path)
+    assert score_model(task.model, task.test_subsets["lossless"]) == pytest.approx(meta["test_lossless_accuracy"],
+                                                                                  abs=1e-6)
