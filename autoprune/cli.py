@@ -62,9 +62,8 @@ def profile(
 ) -> None:
     """Show the prunable groups of a task's model, their channels and share of MACs (a sparsity
     space's: its weight tensors)."""
-    from .profile import profile_model
     from .space import load_space
-    from .sparsity import profile_for, profile_weights
+    from .sparsity import profile_for
     from .task import builtin_task_names, dense_model, load_task
 
     if task and space:
@@ -74,8 +73,7 @@ def profile(
     mode, pattern = (loaded.mode, loaded.pattern) if loaded else ("channels", "unstructured")
     if name in builtin_task_names():
         model, example_input = dense_model(name, workdir=workdir, pretrained=False)
-        prof = replace(profile_weights(model, example_input, pattern=pattern) if mode == "sparsity"
-                       else profile_model(model, example_input), task=name)
+        prof = replace(profile_for(model, example_input, mode=mode, pattern=pattern), task=name)
     else:
         # Profiles need no trained weights: a declared task's model is not trained for one.
         prof = profile_for(load_task(name, data_root=data_root, workdir=workdir, pretrained=False), mode=mode,

@@ -263,10 +263,12 @@ def _linear_cost(groups: Sequence[GroupInfo], positions: Sequence[float], *, den
     )
 
 
-def profile_for(task: Task, *, mode: str = "channels", pattern: str = "unstructured") -> ModelProfile:
-    """The profile a search of ``mode`` works on: channel groups, or weight tensors."""
+def profile_for(task: Task | nn.Module, example_input: torch.Tensor | None = None, *, mode: str = "channels",
+                pattern: str = "unstructured") -> ModelProfile:
+    """The profile a search of ``mode`` works on: channel groups, or weight tensors (of a task, or
+    of a model and its example input)."""
     if mode == "sparsity":
-        return profile_weights(task, pattern=pattern)
+        return profile_weights(task, example_input, pattern=pattern)
     if mode != "channels":
         raise ConfigError(f"Unknown mode {mode!r}; allowed: {', '.join(MODES)}.")
-    return profile_model(task)
+    return profile_model(task, example_input)
