@@ -23,6 +23,8 @@ class StudySummary:
         task, strategy, budget: as the search was started (None for studies autoprune did not create).
         trials: finished (evaluated) trials; ``planned`` the ``--trials`` it was asked for.
         best_val_score: the best finished trial's validation score before fine-tuning, and its MACs ratio.
+        mode: ``channels`` or ``sparsity`` (the space's ``mode``); a sparsity search's best trial is
+            also given by its nonzeros ratio (of the prunable weights), the size a sparsity budget counts.
         started, last_finished: when the first trial started and the last one finished (UTC).
     """
 
@@ -36,6 +38,8 @@ class StudySummary:
     best_macs_ratio: float | None
     started: datetime.datetime | None
     last_finished: datetime.datetime | None
+    mode: str = "channels"
+    best_nonzeros_ratio: float | None = None
 
 
 def list_studies(storage_url: str) -> list[StudySummary]:
@@ -61,6 +65,8 @@ def list_studies(storage_url: str) -> list[StudySummary]:
             best_val_score=best.result.val_score if best else None,
             best_macs_ratio=best.result.macs_ratio if best else None,
             started=summary.datetime_start, last_finished=max(done) if done else None,
+            mode=space.get("mode") or "channels",
+            best_nonzeros_ratio=best.result.nonzeros_ratio if best else None,
         ))
     return sorted(summaries, key=lambda s: (s.started is None, s.started or datetime.datetime.min))
 

@@ -290,7 +290,8 @@ def studies(
     workdir: WorkdirOpt = None,
 ) -> None:
     """List the searches of a workdir (or --storage): task, strategy, budget, finished trials, the best
-    validation score before fine-tuning (and its MACs ratio), dates."""
+    validation score before fine-tuning (and its MACs ratio, or nonzeros ratio for a sparsity
+    search), dates."""
     from ._catalog import list_studies
     from ._storage import check_storage_url, default_storage_url
 
@@ -304,7 +305,12 @@ def studies(
     rows = []
     for s in found:
         budget = ", ".join(f"{k}={v:g}" for k, v in (s.budget or {}).items()) or "-"
-        best = f"{s.best_val_score:.4f} at MACs {s.best_macs_ratio:.3f}" if s.best_val_score is not None else "-"
+        if s.best_val_score is None:
+            best = "-"
+        elif s.mode == "sparsity" and s.best_nonzeros_ratio is not None:
+            best = f"{s.best_val_score:.4f} at nonzeros {s.best_nonzeros_ratio:.3f}"
+        else:
+            best = f"{s.best_val_score:.4f} at MACs {s.best_macs_ratio:.3f}"
         trials = f"{s.trials}/{s.planned}" if s.planned else str(s.trials)
         rows.append((s.name, s.task or "-", s.strategy or "-", budget, trials, best, when(s.started),
                      when(s.last_finished)))

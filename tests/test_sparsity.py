@@ -227,7 +227,7 @@ def test_profile_of_a_sparsity_space_lists_its_weight_tensors(capsys, tmp_path):
     assert [g["kind"] for g in data["groups"]] == ["weights"] * 4 and data["left_whole"][0]["group"] == "conv1"
 
 
-def test_a_sparsity_search_runs_every_baseline_and_tpe_and_tracks_sparsity_per_layer(workdir):
+def test_a_sparsity_search_runs_every_baseline_and_tpe_and_tracks_sparsity_per_layer(workdir, capsys):
     result = ap.search(SPACE, n_trials=6, workdir=workdir, show_progress=False, threads=1)
     # The README tells a reader to export this study by this name.
     assert result.study_name == "digits-sparsity-optuna-tpe-nonzeros0.1"
@@ -254,6 +254,17 @@ def test_a_sparsity_search_runs_every_baseline_and_tpe_and_tracks_sparsity_per_l
     parent = client.get_run(parents[0].info.run_id)
     assert parent.data.params["mode"] == "sparsity"
     assert {"uniform_val_score", "global_val_score", "lamp_val_score"} <= set(parent.data.metrics)
+    # `autoprune studies` gives a sparsity search's best by the nonzeros its budget counts, not MACs.
+    from autoprune._catalog import list_studies
+
+    (summary,) = list_studies(result.storage_url)
+    assert summary.mode == "sparsity"
+    assert summary.best_nonzeros_ratio == pytest.approx(result.best_result.nonzeros_ratio) and summary.best_nonzeros_ratio <= 0.1
+    from autoprune.cli import run as cli
+
+    assert cli(["studies", "--workdir", str(workdir)]) == 0
+    printed = capsys.readouterr().out
+    assert f"at nonzeros {summary.best_nonzeros_ratio:.3f}" in printed and "at MACs" not in printed
 
 
 def test_the_rl_environment_steps_through_weight_tensors_under_a_sparsity_budget(session_workdir, digits_task):
