@@ -96,9 +96,12 @@ def run_one(task: str, budget: float, strategy: str, seed: int, evaluations: int
             break
         n += MF_CHUNK
     trials = completed_trials(study)
-    # From the study's own clock, so a study finished by an earlier (killed) run reports its real cost.
-    wall = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds() \
-        if trials else time.perf_counter() - start
+    # From the study's own clock, so a study finished by an earlier (killed) run reports its real cost;
+    # stopped trials count too (a multi-fidelity study may complete only one or two).
+    ended = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+             and t.datetime_start and t.datetime_complete]
+    wall = (max(t.datetime_complete for t in ended) - min(t.datetime_start for t in ended)).total_seconds() \
+        if ended else time.perf_counter() - start
     seconds = [t.user_attrs["result"]["seconds"] for t in trials]
     stopped = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
     return {"result": result, "curve": _curve(study), "wall_seconds": wall, "evaluations": len(trials) + stopped,
@@ -190,7 +193,9 @@ def run(args: argparse.Namespace) -> dict:
                           f"test {test_score:.4f} MACs {row['macs_ratio']:.3f} ({row['search_wall_seconds']:.0f} s search)",
                           flush=True)
             curves[(task_name, budget)] = {s: [r["curve"] for r in rows if (r["task"], r["budget"], r["strategy"]) ==
-                                               (task_name, budget, s)] for s in SEARCHING if s in args.strategies}
+                                               (task_name, budget, s)] for s in SEARCHING if s in args.strategies
+                                           # its scores follow hundreds of SGD steps: another scale
+                                           and s != "optuna-mf"}
     for r in rows:
         r.pop("_result", None)
     return {"rows": rows, "curves": curves, "workdir": str(workdir), "latency_settings": latency_settings.to_dict()}
@@ -461,7 +466,8 @@ def main() -> None:
     tasks = "" if args.quick or args.tasks == ["fashionmnist-resnet20"] else "_" + "-".join(args.tasks)
     suffix = ("_quick" if args.quick else "") + tasks + (f"_ft{args.finetune_steps}" if args.finetune_steps else "") + subset
     RESULTS.mkdir(parents=True, exist_ok=True)  # the plots land there before the results files
-    plot_curves(raw, Path(raw["workdir"]), suffix)
+    # The plots' names already carry the task.
+    plot_curves(raw, Path(raw["workdir"]), suffix.replace(tasks, "", 1) if tasks else suffix)
     write_results(f"search_quality{suffix}", payload, markdown(summary, payload))
 
 
