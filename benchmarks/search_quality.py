@@ -67,11 +67,15 @@ def _curve(study: optuna.Study) -> list[float]:
     return curve
 
 
+def _ended_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Trials that finished evaluating, completed or stopped at a rung, with their clock times."""
+    return [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+            and t.datetime_complete and t.datetime_start]
+
+
 def _evaluation_seconds(study: optuna.Study) -> float:
     """Seconds the study's trials spent evaluating candidates, stopped ones included."""
-    return sum((t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials
-               if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-               and t.datetime_complete and t.datetime_start)
+    return sum((t.datetime_complete - t.datetime_start).total_seconds() for t in _ended_trials(study))
 
 
 def run_one(task: str, budget: float, strategy: str, seed: int, evaluations: int, workdir: Path,
@@ -98,8 +102,7 @@ def run_one(task: str, budget: float, strategy: str, seed: int, evaluations: int
     trials = completed_trials(study)
     # From the study's own clock, so a study finished by an earlier (killed) run reports its real cost;
     # stopped trials count too (a multi-fidelity study may complete only one or two).
-    ended = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-             and t.datetime_start and t.datetime_complete]
+    ended = _ended_trials(study)
     wall = (max(t.datetime_complete for t in ended) - min(t.datetime_start for t in ended)).total_seconds() \
         if ended else time.perf_counter() - start
     seconds = [t.user_attrs["result"]["seconds"] for t in trials]
@@ -464,10 +467,11 @@ def main() -> None:
     # A partial or non-default run gets its own files, so it never overwrites the full table.
     subset = "" if list(args.strategies) == list(STRATEGIES) else "_" + "-".join(args.strategies)
     tasks = "" if args.quick or args.tasks == ["fashionmnist-resnet20"] else "_" + "-".join(args.tasks)
-    suffix = ("_quick" if args.quick else "") + tasks + (f"_ft{args.finetune_steps}" if args.finetune_steps else "") + subset
+    proxy = f"_ft{args.finetune_steps}" if args.finetune_steps else ""
+    suffix = ("_quick" if args.quick else "") + tasks + proxy + subset
     RESULTS.mkdir(parents=True, exist_ok=True)  # the plots land there before the results files
     # The plots' names already carry the task.
-    plot_curves(raw, Path(raw["workdir"]), suffix.replace(tasks, "", 1) if tasks else suffix)
+    plot_curves(raw, Path(raw["workdir"]), ("_quick" if args.quick else "") + proxy + subset)
     write_results(f"search_quality{suffix}", payload, markdown(summary, payload))
 
 
