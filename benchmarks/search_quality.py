@@ -49,13 +49,17 @@ MF_CHUNK = 5
 THREADS = 2
 
 
-def shipped_space(task: str, finetune_steps: int | None = None) -> ap.SearchSpace:
-    """The task's shipped search space, with the candidate evaluation's SGD steps overridden if given."""
+def shipped_space(task: str, finetune_steps: int | None = None, max_ratio: float | None = None) -> ap.SearchSpace:
+    """The task's shipped search space, with the candidate evaluation's SGD steps and the searched
+    groups' highest ratio overridden if given."""
     path = REPO / "search_spaces" / f"{task}.yaml"
     space = ap.load_space(path if path.is_file() else REPO / "search_spaces" / "default.yaml")
-    if finetune_steps is None:
-        return space
-    return space.model_copy(update={"evaluation": space.evaluation.model_copy(update={"finetune_steps": finetune_steps})})
+    if finetune_steps is not None:
+        space = space.model_copy(update={"evaluation": space.evaluation.model_copy(update={"finetune_steps": finetune_steps})})
+    if max_ratio is not None:
+        low = space.groups.ratio_range(space.mode)[0]
+        space = space.model_copy(update={"groups": space.groups.model_copy(update={"ratio": (low, max_ratio)})})
+    return space
 
 
 def _curve(study: optuna.Study) -> list[float]:
@@ -79,12 +83,12 @@ def _evaluation_seconds(study: optuna.Study) -> float:
 
 
 def run_one(task: str, budget: float, strategy: str, seed: int, evaluations: int, workdir: Path,
-            finetune_steps: int | None, match_seconds: float | None = None) -> dict:
+            finetune_steps: int | None, match_seconds: float | None = None, max_ratio: float | None = None) -> dict:
     """One search; with ``match_seconds``, trials are added in chunks until the study has spent at
     least that long evaluating (equal evaluation time with the strategy it is compared with)."""
     start = time.perf_counter()
-    proxy = f"-ft{finetune_steps}" if finetune_steps else ""
-    space = shipped_space(task, finetune_steps)
+    proxy = (f"-ft{finetune_steps}" if finetune_steps else "") + (f"-max{max_ratio}" if max_ratio is not None else "")
+    space = shipped_space(task, finetune_steps, max_ratio)
     name = strategy
     if strategy == "optuna-mf":
         space = space.model_copy(update={"evaluation": space.evaluation.model_copy(
@@ -129,6 +133,8 @@ def _key(task: str, budget: float, strategy: str, seed: int, args: argparse.Name
     n = args.evaluations if strategy in SEARCHING else 1
     # Keys of runs with the default proxy are unchanged, so their cached rows stay valid.
     proxy = f"|ft{args.finetune_steps}" if args.finetune_steps and strategy in SEARCHING else ""
+    if args.max_ratio is not None and strategy in SEARCHING:
+        proxy += f"|max{args.max_ratio}"
     distill = "|distill" if args.distill else ""
     return f"{task}|{budget}|{strategy}|{seed}|{n}|{args.finetune_epochs}{proxy}{distill}"
 
@@ -168,7 +174,8 @@ def run(args: argparse.Namespace) -> dict:
                         reference = next((r for r in rows if (r["task"], r["budget"], r["strategy"], r["seed"])
                                           == (task_name, budget, "optuna", seed)), None) if strategy == "optuna-mf" else None
                         outcome = run_one(task_name, budget, strategy, seed, n, workdir, args.finetune_steps,
-                                          match_seconds=reference["evaluation_seconds"] if reference else None)
+                                          match_seconds=reference["evaluation_seconds"] if reference else None,
+                                          max_ratio=args.max_ratio)
                     result = outcome["result"]
                     start = time.perf_counter()
                     tests, model = finetune_and_test(task, result.best_plan, epochs=args.finetune_epochs,
@@ -244,7 +251,8 @@ def summarize(raw: dict, args: argparse.Namespace) -> dict:
             get = {t["strategy"]: t for t in table if (t["task"], t["budget"]) == (task, budget)}
             if "optuna" not in get:
                 continue
-            need = 0.5 if budget >= 0.5 else 1.0
+            # The CIFAR issue's per-budget targets where it names the budget; Fashion-MNIST's rule elsewhere.
+            need = UNIFORM_TARGETS.get(budget, 0.5 if budget >= 0.5 else 1.0)
             verdict: dict = {"task": task, "budget": budget, "seeds": get["optuna"]["seeds"],
                              "target_uniform_points": need, "evaluations": args.evaluations}
             # A baseline that was not run in this invocation (--strategies) gets no verdict, not a made-up one.
@@ -366,7 +374,9 @@ def markdown(summary: dict, payload: dict) -> str:
         "optuna-mf is TPE with multi-fidelity candidates (rungs "
         f"{MF_FIDELITY['rungs']} SGD steps, successive halving) given at least the evaluation time TPE spent on the same seed; "
         "test split used only for this table. Mean ± std over seeds; differences to uniform and global are paired by seed "
-        "(each seed fine-tunes both plans with the same seed).",
+        "(each seed fine-tunes both plans with the same seed)."
+        + (f" The searching strategies remove at most {payload['settings']['max_ratio']} of a group's channels "
+           "(the search space's own ceiling is overridden)." if payload["settings"].get("max_ratio") is not None else ""),
         "",
         "| task | MACs budget | strategy | seeds | candidate val score | val acc. fine-tuned | test acc. fine-tuned "
         "| lossless test | − uniform (points) | − global (points) | MACs ratio | latency ms | evaluations (stopped) "
@@ -441,6 +451,8 @@ def main() -> None:
                         help="SGD steps in each candidate evaluation (the proxy); default: the search space's")
     parser.add_argument("--finetune-epochs", type=float, default=1.0)
     parser.add_argument("--distill", action="store_true", help="fine-tune every plan from the dense model's logits")
+    parser.add_argument("--max-ratio", type=float, default=None,
+                        help="the searching strategies' highest per-group ratio, instead of the search space's")
     parser.add_argument("--latency-batch", type=int, default=32)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--threads", type=int, default=2)
@@ -460,6 +472,7 @@ def main() -> None:
         "settings": {"tasks": args.tasks, "budgets": args.budgets, "seeds": args.seeds, "evaluations": args.evaluations,
                      "finetune_epochs": args.finetune_epochs, "distill": args.distill, "quick": args.quick,
                      "strategies": args.strategies, "candidate_finetune_steps": args.finetune_steps or 0,
+                     "max_ratio": args.max_ratio,
                      "latency": raw["latency_settings"]},
         "wall_seconds": time.perf_counter() - start,
         **summary, "rows": raw["rows"],
@@ -467,7 +480,8 @@ def main() -> None:
     # A partial or non-default run gets its own files, so it never overwrites the full table.
     subset = "" if list(args.strategies) == list(STRATEGIES) else "_" + "-".join(args.strategies)
     tasks = "" if args.quick or args.tasks == ["fashionmnist-resnet20"] else "_" + "-".join(args.tasks)
-    proxy = f"_ft{args.finetune_steps}" if args.finetune_steps else ""
+    proxy = (f"_ft{args.finetune_steps}" if args.finetune_steps else "") + \
+        (f"_max{args.max_ratio}" if args.max_ratio is not None else "")
     suffix = ("_quick" if args.quick else "") + tasks + proxy + subset
     RESULTS.mkdir(parents=True, exist_ok=True)  # the plots land there before the results files
     # The plots' names already carry the task.
