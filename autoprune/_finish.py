@@ -74,7 +74,8 @@ class SearchResult:
 def _baseline_scores(trials: Sequence[StoredTrial], baselines: Mapping[str, Plan],
                      evaluator: Evaluator) -> dict[str, TrialResult]:
     """What the uniform and global plans scored: from the study when it has them (strategies that
-    start from the baselines), else evaluated now (RL), so every summary can compare with them."""
+    start from the baselines), else evaluated now (random search, an RL agent told not to start from
+    them, a search with fewer trials than baselines), so every summary can compare with them."""
     found: dict[str, TrialResult] = {}
     for t in trials:
         if t.baseline in baselines and t.baseline not in found:
@@ -220,7 +221,7 @@ def result_of(settings: SearchSettings, study: optuna.Study, parent_run_id: str,
     n_stopped = len(stored_trials(study, states=(optuna.trial.TrialState.PRUNED,)))
     record = read_record(study)
     baselines = {t.baseline: t.result.val_score for t in trials if t.baseline}
-    # An RL search evaluates the baselines after its trials; the record has them for every strategy.
+    # A search without baseline trials evaluates them after its trials; the record has them for every strategy.
     baselines.update({k: TrialResult.from_dict(v).val_score for k, v in record.baseline_scores.items()})
     return SearchResult(
         study_name=settings.study_name, storage_url=settings.storage_url, tracking_uri=settings.tracking_uri,

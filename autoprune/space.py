@@ -189,6 +189,8 @@ class RLSettings(Strict):
     ``noise_sigma`` is the exploration noise's standard deviation in action units (actions span
     [-1, 1], so 1.0 is AMC's 0.5 on its [0, 1] scale); it shrinks by ``noise_decay`` after every
     episode past the warm-up (0.97 keeps exploring through a search of about 100 episodes).
+    ``start_from_baselines`` plays the uniform and global plans as the first episodes (counted in
+    the warm-up), as Optuna studies start from them; AMC itself starts from random actions.
     """
 
     agent: Literal["ddpg", "td3", "sac"] = "ddpg"
@@ -202,6 +204,7 @@ class RLSettings(Strict):
     batch_size: Int = Field(default=64, ge=1)
     gradient_steps_per_episode: Int = Field(default=20, ge=1)
     reward: Literal["error", "flops"] = "error"
+    start_from_baselines: bool = True
 
 
 class LatencySpec(Strict):

@@ -60,6 +60,7 @@ __all__ = [
     "baseline_of",
     "enqueue_baselines",
     "is_repeated_baseline",
+    "mark_baseline",
     "Heartbeat",
     "ATTR_PLAN",
     "ATTR_RESULT",
@@ -392,6 +393,11 @@ def record_evaluation(trial: optuna.Trial, plan: Plan, result: TrialResult,
 def baseline_of(trial: optuna.Trial | FrozenTrial) -> str | None:
     """``uniform``/``global`` for a baseline trial, else None."""
     return trial.user_attrs.get(ATTR_BASELINE)
+
+
+def mark_baseline(trial: optuna.Trial, label: str) -> None:
+    """Label ``trial`` as the evaluation of baseline ``label`` (a strategy that proposed that plan itself)."""
+    trial.set_user_attr(ATTR_BASELINE, label)
 
 
 def enqueue_baselines(study: optuna.Study, planned: list[tuple[str, dict[str, float]]], *, n_trials: int,

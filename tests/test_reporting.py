@@ -29,9 +29,11 @@ def summary(result) -> str:
 def test_an_rl_search_summary_compares_with_both_baselines(workdir, tmp_path):
     space = tmp_path / "rl.yaml"
     space.write_text("task: digits-cnn\nbudget: {flops: 0.5}\nevaluation: {calibration_batches: 4, val_samples: 500}\n"
-                     "strategy: {name: rl, trials: 3, rl: {warmup_episodes: 2, gradient_steps_per_episode: 3, batch_size: 8}}\n")
+                     "strategy: {name: rl, trials: 3, rl: {warmup_episodes: 2, gradient_steps_per_episode: 3, batch_size: 8,\n"
+                     "  start_from_baselines: false}}\n")
     result = ap.search(space, workdir=workdir, show_progress=False)
-    assert set(result.baselines) == {"uniform", "global"}  # RL proposes no baseline trials; the search scores them
+    # The agent was told not to play the baseline plans: the study has no baseline trial, the search scores them.
+    assert set(result.baselines) == {"uniform", "global"}
     text = summary(result)
     best = result.best_result
     assert (f"val score before fine-tuning (BatchNorm recalibrated only): best plan {best.val_score:.4f} "

@@ -29,7 +29,7 @@ from autoprune.space import RLSettings
 from autoprune.strategies.rl._checkpoint import _CheckpointStore
 from autoprune.strategies.rl.agent import CHECKPOINT_FILE, AgentState, _model_factory, _new_model, run_agent
 from autoprune.strategies.rl.env import ENV_ID, FEATURES, PruningEnv, TrialFailed
-from autoprune.study import completed_trials
+from autoprune.study import completed_trials, read_record
 from autoprune.task import dense_model
 
 
@@ -198,6 +198,36 @@ def test_the_agent_finds_a_known_optimum_better_than_random_search(digits_profil
     assert np.mean(agent_best) < np.mean(random_best) and wins >= 2, (agent_best, random_best)
 
 
+def test_demonstrated_episodes_play_the_baseline_plans_first_and_a_resumed_agent_skips_them(
+        digits_profile, digits_evaluator, tmp_path):
+    budget = ap.Budget(flops=0.3)
+    baselines = [ap.uniform_plan(digits_profile, budget),
+                 ap.global_plan(digits_profile, budget, digits_evaluator.scores)]
+    assert baselines[0].channels != baselines[1].channels
+    env = PruningEnv(profile=digits_profile, budget=budget, evaluate_fn=StandIn(episodes=5))
+    demonstrations = [env.actions_for(plan.ratios) for plan in baselines]
+    assert all(a.shape == (env.steps_per_episode,) and np.all(np.abs(a) <= 1) for a in demonstrations)
+
+    stand_in = StandIn(episodes=5)
+    env = PruningEnv(profile=digits_profile, budget=budget, evaluate_fn=stand_in)
+    state = run_agent(env, RLSettings(**SMALL), demonstrations=demonstrations)
+    assert state.episodes == 5
+    # Played through clipping and projection, each baseline plan comes out as itself.
+    assert [p.channels for p in stand_in.plans[:2]] == [b.channels for b in baselines]
+    assert all(p.channels not in [b.channels for b in baselines] for p in stand_in.plans[2:])
+
+    # Stopped after the first demonstration, a resumed agent plays the second one next, once.
+    first = StandIn(episodes=1)
+    run_agent(PruningEnv(profile=digits_profile, budget=budget, evaluate_fn=first), RLSettings(**SMALL),
+              state_dir=tmp_path, demonstrations=demonstrations)
+    rest = StandIn(episodes=3)
+    state = run_agent(PruningEnv(profile=digits_profile, budget=budget, evaluate_fn=rest), RLSettings(**SMALL),
+                      state_dir=tmp_path, demonstrations=demonstrations)
+    assert state.resumed and state.episodes == 4
+    assert [p.channels for p in first.plans + rest.plans[:1]] == [b.channels for b in baselines]
+    assert all(p.channels not in [b.channels for b in baselines] for p in rest.plans[1:])
+
+
 def test_the_same_seed_proposes_the_same_plans(digits_profile):
     def sequence(seed: int) -> list[tuple[int, ...]]:
         stand_in = StandIn(lambda p: 1.0 - abs(p.ratios["conv2"] - 0.3), episodes=20)
@@ -222,11 +252,17 @@ def test_cli_rl_search_tracks_every_episode_as_a_trial(workdir):
     assert sorted(m.step for m in rewards) == list(range(1, 31))
     assert client.get_metric_history(parent, "agent/train/critic_loss"), "SB3's losses reach the parent run"
     study = optuna.load_study(study_name="digits-cnn-rl-flops0.5", storage=f"sqlite:///{workdir / 'optuna.db'}")
-    trials = completed_trials(study)
+    trials = sorted(completed_trials(study), key=attrgetter("number"))
     assert len(trials) == 30
     for t in trials:  # the trial's parameters are the agent's (clipped) choices
         assert t.params == pytest.approx(t.user_attrs["raw_ratios"])
-        assert t.user_attrs["plan"]["provenance"]["strategy"] == "rl/ddpg"
+    # The first episodes play the baseline plans, labelled as in an Optuna study; the summary takes
+    # their scores from those trials instead of evaluating the plans again.
+    assert [t.user_attrs.get("baseline") for t in trials[:2]] == ["uniform", "global"]
+    assert [t.user_attrs["plan"]["provenance"]["strategy"] for t in trials] == ["uniform", "global"] + ["rl/ddpg"] * 28
+    record = read_record(study)
+    assert record.baseline_scores["uniform"] == trials[0].user_attrs["result"]
+    assert record.baseline_scores["global"] == trials[1].user_attrs["result"]
     state = json.loads(next((workdir / "strategy-state").rglob(CHECKPOINT_FILE)).read_text())
     assert state["episodes"] == 30 and state["agent"] == "ddpg"
 

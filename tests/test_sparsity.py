@@ -292,3 +292,5 @@ def test_every_strategy_searches_a_size_budget_unchanged(workdir):
         assert len(sizes) == trials and all(0.15 * 0.995 <= s <= 0.15 for s in sizes), (strategy, sizes)
         if strategy in ("lamp", "global"):
             assert result.best_plan.provenance["strategy"] == strategy
+        if strategy == "rl":  # its first episodes play the three baseline plans, each coming out as itself
+            assert [t.user_attrs.get("baseline") for t in completed_trials(study)] == ["uniform", "global", "lamp"]

@@ -1,6 +1,7 @@
 """The AMC agent: stable-baselines3 DDPG (or TD3, SAC) acting in :class:`PruningEnv`.
 
-One episode is one trial. The agent follows AMC (He et al., 2018): warm-up episodes of uniformly
+One episode is one trial. The agent follows AMC (He et al., 2018): after the baseline plans,
+played as the first episodes (not AMC's: see :class:`RLStrategy`), warm-up episodes of uniformly
 random actions fill the replay buffer, then the actor acts with Gaussian exploration noise whose
 sigma decays by ``noise_decay`` after every episode; targets follow the networks by soft updates
 ``tau``; training happens once per episode, ``gradient_steps_per_episode`` minibatch steps of
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -47,6 +48,7 @@ from ...errors import ConfigError
 from ...evaluate import TrialResult
 from ...plan import Plan
 from ...space import AGENTS, RLSettings
+from ...study import mark_baseline
 from ..base import BaseStrategy, SearchContext
 from ._checkpoint import CHECKPOINT_FILE, AgentState, ModelFactory, _CheckpointStore
 from .env import PruningEnv, TrialFailed
@@ -72,6 +74,21 @@ class _AMCAlgorithm:
 
     actor_learning_rate: float
     critic_learning_rate: float
+    # Episodes whose actions are given, played first (see run_agent): one (steps,) array each,
+    # indexed by the episodes already finished, so a resumed agent goes on where it stopped.
+    demonstrations: Sequence[np.ndarray] = ()
+    agent_state: AgentState | None = None
+    demonstration_step = 0
+
+    def _sample_action(self, learning_starts: int, action_noise: Any = None,
+                       n_envs: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        episode = self.agent_state.episodes if self.agent_state is not None else len(self.demonstrations)
+        if episode < len(self.demonstrations):
+            # The action space is [-1, 1], so the action stepped and the one stored are the same.
+            action = np.full((n_envs, 1), self.demonstrations[episode][self.demonstration_step], dtype=np.float32)
+            self.demonstration_step += 1
+            return action, action
+        return super()._sample_action(learning_starts, action_noise, n_envs)  # type: ignore[misc]
 
     def train(self, gradient_steps: int, batch_size: int = 100) -> None:
         # The networks are tiny: several intra-op threads cost more in synchronization than they
@@ -192,6 +209,7 @@ class _EpisodeCallback(BaseCallback):
             return True
         reward = float(self.locals["rewards"][0])
         self.state.episodes += 1
+        self.model.demonstration_step = 0  # type: ignore[attr-defined]
         self.state.best_reward = max(self.state.best_reward, reward)
         # Recorded into SB3's logger, which writes them with its own values right after this step.
         self.logger.record("episode/reward", reward)
@@ -231,6 +249,7 @@ def run_agent(
     seed: int = 0,
     state_dir: str | os.PathLike[str] | None = None,
     log_metrics: MetricsFn | None = None,
+    demonstrations: Sequence[np.ndarray] = (),
 ) -> AgentState:
     """Train the AMC agent on ``env`` until an episode ends with ``info["stopped"]``.
 
@@ -241,6 +260,10 @@ def run_agent(
             NumPy's and PyTorch's global generators with it).
         state_dir: where the agent is checkpointed after every episode and resumed from.
         log_metrics: receives the agent's metrics (losses, episode reward, noise) per episode.
+        demonstrations: the actions of the first episodes, one array of shape (steps,) in [-1, 1]
+            each (:meth:`PruningEnv.actions_for` of the baseline plans): played instead of the
+            agent's own, stored in the replay buffer like any episode, before the warm-up's random
+            ones. A resumed agent skips those it has played.
 
     Returns:
         The agent's progress (episodes learned from, noise sigma, whether it resumed).
@@ -256,6 +279,9 @@ def run_agent(
     else:
         model = _new_model(env, settings, seed)
         state = AgentState(episodes=0, noise_sigma=settings.noise_sigma)
+    model.demonstrations = [np.asarray(a, dtype=np.float32).reshape(steps) for a in demonstrations]  # type: ignore[attr-defined]
+    model.agent_state = state  # type: ignore[attr-defined]
+    model.demonstration_step = 0  # type: ignore[attr-defined]
     writers: list[KVWriter] = [_MetricsWriter(log_metrics, state)] if log_metrics is not None else []
     model.set_logger(Logger(folder=None, output_formats=writers))
     checkpoint = (lambda: store.save(model, state, settings, steps)) if store is not None else None
@@ -324,6 +350,10 @@ class RLStrategy(BaseStrategy):
     ``-error * log(MACs)`` with ``reward: flops``). Settings: :class:`autoprune.space.RLSettings`
     (``strategy.rl`` in a search space); ``noise_sigma``/``noise_decay`` drive DDPG's and TD3's
     exploration, SAC explores through its entropy bonus instead.
+
+    With ``start_from_baselines`` (the default) the first episodes play the baseline plans
+    (uniform, global; LAMP in sparsity mode), as an Optuna study's first trials are those plans:
+    the agent's replay buffer starts with them and the search's best can only match or beat them.
     """
 
     name: ClassVar[str] = "rl"
@@ -344,8 +374,10 @@ class RLStrategy(BaseStrategy):
             # This process created the study: a checkpoint under its name belongs to a deleted
             # study of the same name. A resumed study keeps its agent.
             _CheckpointStore(context.state_dir).clear()
+        demonstrations = ([env.actions_for(plan.ratios) for plan in context.baselines.values()]
+                          if self.settings.start_from_baselines else [])
         run_agent(env, self.settings, seed=context.seed, state_dir=context.state_dir,
-                  log_metrics=context.log_metrics)
+                  log_metrics=context.log_metrics, demonstrations=demonstrations)
 
 
 def _trial_runner(context: SearchContext) -> Callable[[Plan, dict[str, float]], TrialResult | None]:
@@ -356,6 +388,11 @@ def _trial_runner(context: SearchContext) -> Callable[[Plan, dict[str, float]], 
         trial = context.ask(fixed_params={name: raw[name] for name in context.dimensions})
         if trial is None:
             return None
+        label = next((name for name, baseline in context.baselines.items()
+                      if baseline.mode == plan.mode and baseline.channels == plan.channels), None)
+        if label is not None:
+            # The summary and the export compare with the baselines' trials, as in an Optuna study.
+            mark_baseline(trial, label)
         outcome = context.run_trial(trial, plan=plan, raw=raw)
         if outcome is None:
             raise TrialFailed(f"trial {trial.number} failed; see its MLflow run")

@@ -39,7 +39,7 @@ from ...space import REWARDS, EvaluationSettings
 from ...sparsity import profile_weights
 from ...task import Task, load_task
 
-__all__ = ["PruningEnv", "EvaluateFn", "TrialFailed", "ENV_ID", "FEATURES", "action_to_ratio"]
+__all__ = ["PruningEnv", "EvaluateFn", "TrialFailed", "ENV_ID", "FEATURES", "action_to_ratio", "ratio_to_action"]
 
 ENV_ID = "autoprune/Pruning-v0"
 
@@ -78,6 +78,13 @@ def action_to_ratio(action: float, low: float, high: float) -> float:
     """Map an action in [-1, 1] linearly onto the ratio range [low, high] (fraction removed)."""
     a = min(max(float(action), -1.0), 1.0)
     return low + (a + 1.0) * 0.5 * (high - low)
+
+
+def ratio_to_action(ratio: float, low: float, high: float) -> float:
+    """The action in [-1, 1] that :func:`action_to_ratio` maps onto ``ratio`` (clamped to the range)."""
+    if high <= low:
+        return -1.0
+    return min(max(2.0 * (float(ratio) - low) / (high - low) - 1.0, -1.0), 1.0)
 
 
 class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
@@ -187,6 +194,16 @@ class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
     def steps_per_episode(self) -> int:
         """Number of steps of every episode: one per searched group."""
         return len(self._steps)
+
+    def actions_for(self, ratios: Mapping[str, float]) -> np.ndarray:
+        """The actions, one per step (shape (steps,), in [-1, 1]), of an episode that chooses ``ratios``.
+
+        Played as an episode, a plan already on the budget (the uniform or global plan) comes out
+        of the clipping and the projection as itself: its ratios meet the budget, so no clipping
+        bound exceeds them, and projecting a plan that is tight to the budget leaves it there.
+        """
+        return np.array([ratio_to_action(ratios[self._names[i]], self._low[i], self._high[i]) for i in self._steps],
+                        dtype=np.float32)
 
     def _static_features(self) -> np.ndarray:
         """(steps, 8): index, channels, in_channels, height, width, stride, kernel, MACs; normalized."""
