@@ -1,7 +1,7 @@
 """Search quality and cost of every strategy against the baselines, side by side.
 
-For each task and MACs budget: the strategies uniform, global, random, optuna (TPE) and rl (DDPG)
-with the same number of candidate evaluations and several seeds; then the best plan of each is
+For each task and MACs budget: the strategies uniform, global, random, optuna (TPE) and rl (DDPG;
+rl-amc without the baseline plans as first episodes) with the same number of candidate evaluations and several seeds; then the best plan of each is
 fine-tuned with one identical recipe and scored on the test split (never used to choose a plan).
 Writes benchmarks/results/search_quality.json and .md, and a sample-efficiency plot per task and
 budget (best validation score against evaluations spent), also logged to MLflow.
@@ -38,8 +38,10 @@ from autoprune.tracking import Tracker  # noqa: E402
 from autoprune.train import score_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-STRATEGIES = ("uniform", "global", "random", "optuna", "optuna-mf", "rl")
-SEARCHING = ("random", "optuna", "optuna-mf", "rl")
+STRATEGIES = ("uniform", "global", "random", "optuna", "optuna-mf", "rl", "rl-amc")
+SEARCHING = ("random", "optuna", "optuna-mf", "rl", "rl-amc")
+DEFAULT_STRATEGIES = [s for s in STRATEGIES if s != "rl-amc"]  # rl-amc: AMC's own warm-up, for comparison
+DEFAULT_BUDGETS = [0.5, 0.3]
 #: Multi-fidelity TPE: scores after BatchNorm recalibration, then after 100 and 400 SGD steps with
 #: distillation; successive halving stops the candidates that rank low at a rung.
 MF_FIDELITY = {"rungs": [0, 100, 400], "pruner": "successive_halving", "distill": True}
@@ -94,6 +96,10 @@ def run_one(task: str, budget: float, strategy: str, seed: int, evaluations: int
         space = space.model_copy(update={"evaluation": space.evaluation.model_copy(
             update={"fidelity": FidelitySettings(**MF_FIDELITY), "finetune_steps": 0})})
         strategy = "optuna"
+    if strategy == "rl-amc":  # AMC as published: random warm-up, no baseline plans played first
+        rl = space.strategy.rl.model_copy(update={"start_from_baselines": False})
+        space = space.model_copy(update={"strategy": space.strategy.model_copy(update={"rl": rl})})
+        strategy = "rl"
     study_name = f"{task}-{name}-{budget}-s{seed}{proxy}"
     n = evaluations if match_seconds is None else MF_CHUNK
     while True:
@@ -373,6 +379,7 @@ def markdown(summary: dict, payload: dict) -> str:
         f"with the same recipe (distillation from the dense model: {'on' if payload['settings'].get('distill') else 'off'}); "
         "optuna-mf is TPE with multi-fidelity candidates (rungs "
         f"{MF_FIDELITY['rungs']} SGD steps, successive halving) given at least the evaluation time TPE spent on the same seed; "
+        "rl is DDPG whose first episodes play the uniform and global plans, rl-amc DDPG with AMC's random warm-up only; "
         "test split used only for this table. Mean ± std over seeds; differences to uniform and global are paired by seed "
         "(each seed fine-tunes both plans with the same seed)."
         + (f" The searching strategies remove at most {payload['settings']['max_ratio']} of a group's channels "
@@ -442,10 +449,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="digits-cnn, 20 evaluations, 2 seeds, flops 0.5")
     parser.add_argument("--tasks", nargs="+", default=["fashionmnist-resnet20"])
-    parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.3])
+    parser.add_argument("--budgets", nargs="+", type=float, default=DEFAULT_BUDGETS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--evaluations", type=int, default=100)
-    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES),
+    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=DEFAULT_STRATEGIES,
                         help="run a subset (verdicts need optuna and the strategy they compare against)")
     parser.add_argument("--finetune-steps", type=int, default=None,
                         help="SGD steps in each candidate evaluation (the proxy); default: the search space's")
@@ -478,8 +485,10 @@ def main() -> None:
         **summary, "rows": raw["rows"],
     }
     # A partial or non-default run gets its own files, so it never overwrites the full table.
-    subset = "" if list(args.strategies) == list(STRATEGIES) else "_" + "-".join(args.strategies)
+    subset = "" if list(args.strategies) == DEFAULT_STRATEGIES else "_" + "-".join(args.strategies)
     tasks = "" if args.quick or args.tasks == ["fashionmnist-resnet20"] else "_" + "-".join(args.tasks)
+    if not args.quick and args.budgets != DEFAULT_BUDGETS:
+        tasks += "_flops" + "-".join(f"{b:g}" for b in args.budgets)
     proxy = (f"_ft{args.finetune_steps}" if args.finetune_steps else "") + \
         (f"_max{args.max_ratio}" if args.max_ratio is not None else "")
     suffix = ("_quick" if args.quick else "") + tasks + proxy + subset
