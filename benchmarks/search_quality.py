@@ -1,7 +1,8 @@
 """Search quality and cost of every strategy against the baselines, side by side.
 
 For each task and MACs budget: the strategies uniform, global, random, optuna (TPE) and rl (DDPG;
-rl-amc without the baseline plans as first episodes) with the same number of candidate evaluations and several seeds; then the best plan of each is
+rl-amc without the baseline plans as first episodes) with the same number of candidate
+evaluations and several seeds; then the best plan of each is
 fine-tuned with one identical recipe and scored on the test split (never used to choose a plan).
 Writes benchmarks/results/search_quality.json and .md, and a sample-efficiency plot per task and
 budget (best validation score against evaluations spent), also logged to MLflow.
