@@ -75,14 +75,42 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     )
 
 
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow SQLite store, created once per session.
+
+    Creating a store runs MLflow's schema migrations, 2-3 s on these machines; every test that
+    searches in a fresh workdir would pay that again (minutes over the suite). A copy of a migrated
+    empty store is the same store MLflow would have created.
+    """
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    _EMPTY_STORE["bytes"] = path.read_bytes()
+    return path
+
+
 @pytest.fixture
-def workdir(tmp_path: Path, session_workdir: Path, digits_task) -> Path:
-    """A fresh workdir that already holds the trained digits checkpoint."""
+def workdir(tmp_path: Path, session_workdir: Path, digits_task, mlflow_template: Path) -> Path:
+    """A fresh workdir that already holds the trained digits checkpoint and an empty MLflow store."""
     import shutil
 
     home = tmp_path / "home"
     shutil.copytree(session_workdir / "checkpoints", home / "checkpoints")
+    shutil.copyfile(mlflow_template, home / "mlflow.db")
     return home
+
+
+_EMPTY_STORE: dict[str, bytes] = {}
+
+
+def nothing_written(workdir: Path) -> bool:
+    """No study and no tracked run in ``workdir``: no optuna.db, and mlflow.db absent or still the
+    empty store the ``workdir`` fixture put there (byte for byte)."""
+    store = workdir / "mlflow.db"
+    untouched = not store.exists() or store.read_bytes() == _EMPTY_STORE.get("bytes")
+    return untouched and not (workdir / "optuna.db").exists()
 
 
 def mlflow_runs(workdir: Path, experiment: str = "digits-cnn"):

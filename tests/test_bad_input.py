@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, needs_fashion_mnist, run_cli
+from conftest import REPO, needs_fashion_mnist, nothing_written, run_cli
 
 from autoprune.cli import run
 
@@ -38,7 +38,7 @@ def _refused(capsys, workdir: Path, *args: str, expect: list[str]) -> str:
     assert "error:" in out and "Traceback" not in out
     for words in expect:
         assert words in out, (words, out)
-    assert not (workdir / "optuna.db").exists() and not (workdir / "mlflow.db").exists()  # nothing half-written
+    assert nothing_written(workdir)  # nothing half-written
     return out
 
 
