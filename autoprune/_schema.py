@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
-__all__ = ["show", "number_check", "Int", "Float", "OptionalInt", "Strict", "format_error"]
+__all__ = ["show", "number_check", "Int", "Float", "OptionalInt", "Bool", "Strict", "format_error"]
 
 
 def show(value: Any) -> str:
@@ -51,6 +51,17 @@ def number_check(integer: bool, optional: bool = False) -> BeforeValidator:
 Int = Annotated[int, number_check(integer=True)]
 Float = Annotated[float, number_check(integer=False)]
 OptionalInt = Annotated[Optional[int], number_check(integer=True, optional=True)]
+
+
+def _bool_check(value: Any) -> Any:
+    """Refuse what pydantic's lax mode would read as a boolean (``"yes"``, ``1``, ``"off"``): a
+    file that says ``distill: 1`` most likely means something else than ``true``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {show(value)}")
+    return value
+
+
+Bool = Annotated[bool, BeforeValidator(_bool_check)]
 
 
 class Strict(BaseModel):

@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from ._declared import DeclaredTask
-from ._schema import Float, Int, OptionalInt, Strict, format_error, show
+from ._schema import Bool, Float, Int, OptionalInt, Strict, format_error, show
 from ._yamlfile import read_yaml
 from .budget import Budget
 from .errors import BudgetError, ConfigError
@@ -136,7 +136,7 @@ class FidelitySettings(Strict):
     pruner: Literal["none", "median", "successive_halving", "hyperband"] = "successive_halving"
     reduction_factor: Int = Field(default=3, ge=2)
     lr: Float = Field(default=0.01, gt=0)
-    distill: bool = True
+    distill: Bool = True
     temperature: Float = Field(default=4.0, gt=0)
     alpha: Float = Field(default=0.9, ge=0, le=1)
 
@@ -204,7 +204,7 @@ class RLSettings(Strict):
     batch_size: Int = Field(default=64, ge=1)
     gradient_steps_per_episode: Int = Field(default=20, ge=1)
     reward: Literal["error", "flops"] = "error"
-    start_from_baselines: bool = True
+    start_from_baselines: Bool = True
 
 
 class LatencySpec(Strict):

@@ -212,6 +212,10 @@ def test_space_file_without_settings_or_task(capsys, tmp_path, text, words):
     ({"latency": {"threads": False}}, "key 'latency.threads': must be an integer"),
     ({"budget": {"flops": True}}, "key 'budget': Budget flops=True is not allowed"),
     ({"budget": {"params": "0.4"}}, "key 'budget': Budget params='0.4' is not allowed"),
+    ({"strategy__rl": {"start_from_baselines": "yes"}},
+     "key 'strategy.rl.start_from_baselines': must be true or false, got 'yes'"),
+    ({"evaluation__fidelity": {"rungs": [0, 8], "distill": 1}},
+     "key 'evaluation.fidelity.distill': must be true or false, got 1"),
 ])
 def test_booleans_and_strings_are_not_numbers_in_space_files(capsys, tmp_path, change, words):
     workdir = tmp_path / "home"  # refused before any task is loaded
