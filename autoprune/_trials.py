@@ -175,6 +175,9 @@ class TrialRunner(SearchContext):
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         self.tracker.log_metrics(self.parent_run_id, metrics, step=step)
 
+    def trials_left(self) -> bool:
+        return not self._stop.event.is_set() and self._slots.remaining() > 0
+
     @property
     def state_dir(self) -> Path:
         # Study names are checked (check_study_name): no separators or '..', so this stays inside.

@@ -267,6 +267,48 @@ def test_cli_rl_search_tracks_every_episode_as_a_trial(workdir):
     assert state["episodes"] == 30 and state["agent"] == "ddpg"
 
 
+def test_an_episode_that_repeats_an_evaluated_plan_uses_no_trial(workdir, tmp_path):
+    # With almost no exploration noise the actor proposes the same plan episode after episode.
+    space = tmp_path / "rl-quiet.yaml"
+    space.write_text(
+        "task: digits-cnn\nbudget: {flops: 0.5}\n"
+        "evaluation: {calibration_batches: 4, val_samples: 500}\n"
+        "strategy: {name: rl, trials: 4, rl: {warmup_episodes: 0, noise_sigma: 0.01, gradient_steps_per_episode: 5, "
+        "batch_size: 16}}\n"
+    )
+    result = ap.search(space, workdir=workdir, show_progress=False)
+    study = optuna.load_study(study_name=result.study_name, storage=result.storage_url)
+    trials = completed_trials(study)
+    plans = {json.dumps(t.user_attrs["plan"]["channels"], sort_keys=True) for t in trials}
+    assert len(trials) == 4 and len(plans) == 4  # every trial a distinct candidate
+    episodes = json.loads(next((workdir / "strategy-state").rglob(CHECKPOINT_FILE)).read_text())["episodes"]
+    assert episodes > 4  # the repeats were played, answered from the study
+    client, parents, _ = mlflow_runs(workdir, experiment="rl-quiet")
+    (repeated,) = client.get_metric_history(parents[0].info.run_id, "agent/repeated_plans")
+    assert repeated.value == episodes - 4
+
+
+def test_a_policy_that_only_repeats_itself_still_ends_the_search(workdir, tmp_path, monkeypatch):
+    from autoprune.strategies.rl import agent
+
+    monkeypatch.setattr(agent, "MAX_FREE_REPEATS", 2)
+    space = tmp_path / "rl-stuck.yaml"
+    space.write_text(
+        "task: digits-cnn\nbudget: {flops: 0.5}\n"
+        "evaluation: {calibration_batches: 4, val_samples: 500}\n"
+        "strategy: {name: rl, trials: 5, rl: {warmup_episodes: 0, noise_sigma: 1.0e-6, gradient_steps_per_episode: 1, "
+        "learning_rate_actor: 1.0e-9, batch_size: 16}}\n"
+    )
+    result = ap.search(space, workdir=workdir, show_progress=False)
+    assert result.n_finished == 5
+    study = optuna.load_study(study_name=result.study_name, storage=result.storage_url)
+    plans = [json.dumps(t.user_attrs["plan"]["channels"], sort_keys=True) for t in completed_trials(study)]
+    assert len(set(plans)) < 5  # past two repeats in a row, the repeat was run as a trial
+    client, parents, _ = mlflow_runs(workdir, experiment="rl-stuck")
+    (repeated,) = client.get_metric_history(parents[0].info.run_id, "agent/repeated_plans")
+    assert 0 < repeated.value <= 2 * 5  # at most two free repeats before each trial
+
+
 def test_an_rl_search_run_again_with_more_trials_resumes_its_agent(workdir, tmp_path):
     space = tmp_path / "rl.yaml"
     space.write_text(

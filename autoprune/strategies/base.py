@@ -128,6 +128,11 @@ class SearchContext(abc.ABC):
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Record strategy-level metrics (e.g. an agent's losses) on the search's parent run."""
 
+    def trials_left(self) -> bool:
+        """Whether the search still wants trials: False once the study has its trials or the
+        search was asked to stop (then :meth:`ask` returns ``None``). Asks for no trial."""
+        return True
+
     @property
     @abc.abstractmethod
     def state_dir(self) -> Path:
