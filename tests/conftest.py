@@ -75,6 +75,10 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     )
 
 
+#: The bytes of the empty MLflow store (set by the mlflow_template fixture).
+_EMPTY_STORE: dict[str, bytes] = {}
+
+
 @pytest.fixture(scope="session")
 def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty MLflow SQLite store, created once per session.
@@ -100,9 +104,6 @@ def workdir(tmp_path: Path, session_workdir: Path, digits_task, mlflow_template:
     shutil.copytree(session_workdir / "checkpoints", home / "checkpoints")
     shutil.copyfile(mlflow_template, home / "mlflow.db")
     return home
-
-
-_EMPTY_STORE: dict[str, bytes] = {}
 
 
 def nothing_written(workdir: Path) -> bool:
