@@ -12,7 +12,8 @@ Targets (#15): at sparsity 0.9, TPE's plan >= global magnitude and >= LAMP after
 fine-tuning, and >= uniform + 1 point; at 0.95, TPE - uniform >= 3 points; the compressed file at
 0.9 <= 20% of the dense file's bytes.
 
-Writes benchmarks/results/sparsity.{json,md} (``--quick``: sparsity_quick.*, digits-cnn only, two
+Writes benchmarks/results/sparsity.{json,md}, with the tasks and sparsities in the name when they
+are not the defaults (``--quick``: sparsity_quick.*, digits-cnn only, two
 sparsities, a few trials: a check that the benchmark runs end to end, not a measurement). Studies
 and finished fine-tunes are kept in the workdir (default ./autoprune-runs/sparsity-bench), so an
 interrupted run resumes where it stopped. Dense checkpoints are looked up in <workdir>/checkpoints
@@ -221,7 +222,18 @@ def main() -> None:
     result["targets"] = targets(result["rows"])
     settings = {k: v for k, v in vars(args).items() if k not in ("workdir", "data_root")}
     payload = {"benchmark": "sparsity", "machine": machine_info(), "settings": settings, **result}
-    write_results("sparsity_quick" if args.quick else "sparsity", payload, markdown(result, args))
+    write_results(_results_name(args, preset), payload, markdown(result, args))
+
+
+def _results_name(args: argparse.Namespace, preset: dict[str, Any]) -> str:
+    """``sparsity`` for the default run; a run on other tasks or sparsities says which in its name,
+    so that it does not overwrite the default table."""
+    name = "sparsity_quick" if args.quick else "sparsity"
+    if args.tasks != preset["tasks"]:
+        name += "_" + "-".join(args.tasks)
+    if args.sparsities != preset["sparsities"]:
+        name += "_s" + "-".join(f"{s:g}" for s in args.sparsities)
+    return name
 
 
 if __name__ == "__main__":
