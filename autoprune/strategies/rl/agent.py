@@ -396,16 +396,15 @@ class _TrialRunner:
     MACs 0.2 on cifar10-resnet20, 26 to 50 of DDPG's 100 trials were plans it had already tried).
     A plan the study has already evaluated is not evaluated again: the episode gets the stored
     result as its reward and uses no trial, so the trials go to distinct candidates. After
-    ``max_free_repeats`` such episodes in a row (a policy that has stopped exploring) the next
+    ``MAX_FREE_REPEATS`` such episodes in a row (a policy that has stopped exploring) the next
     repeat is run as a trial, so that the search still ends.
 
     Attributes:
         repeats: episodes answered from the study in this run.
     """
 
-    def __init__(self, context: SearchContext, max_free_repeats: int | None = None) -> None:
+    def __init__(self, context: SearchContext) -> None:
         self.context = context
-        self.max_free_repeats = MAX_FREE_REPEATS if max_free_repeats is None else max_free_repeats
         self.repeats = 0
         self._in_a_row = 0
         finished = stored_trials(context.study, states=(TrialState.COMPLETE, TrialState.PRUNED))
@@ -415,7 +414,7 @@ class _TrialRunner:
     def __call__(self, plan: Plan, raw: dict[str, float]) -> TrialResult | None:
         key = _plan_key(plan)
         known = self._known.get(key)
-        if known is not None and self._in_a_row < self.max_free_repeats and self.context.trials_left():
+        if known is not None and self._in_a_row < MAX_FREE_REPEATS and self.context.trials_left():
             self._in_a_row += 1
             self.repeats += 1
             return known
