@@ -20,13 +20,17 @@ from torch import nn
 from .errors import ConfigError, short
 from ._timing import LatencyMeasurement, LatencySettings, batch_like, round_robin
 
-__all__ = ["BATCH", "write_onnx", "check_onnx", "measure_onnx_many", "onnx_runtime_latency"]
+__all__ = ["batch_dim", "write_onnx", "check_onnx", "measure_onnx_many", "onnx_runtime_latency"]
 
-#: The dynamic batch dimension of every exported model (torch.export and ONNX): any batch size
-#: at deployment.
-BATCH = torch.export.Dim("batch", min=1, max=65536)
 #: Models with more weight bytes than this are written as model.onnx + model.onnx.data.
 ONNX_SINGLE_FILE_BYTES = 1 << 30
+
+
+def batch_dim() -> Any:
+    """The dynamic batch dimension of every exported model (torch.export and ONNX): any batch size
+    at deployment. Made on use: ``torch.export`` imports sympy, ~0.5 s that commands exporting
+    nothing should not pay."""
+    return torch.export.Dim("batch", min=1, max=65536)
 
 
 def write_onnx(model: nn.Module, batch: torch.Tensor, path: Path) -> None:
@@ -40,7 +44,7 @@ def write_onnx(model: nn.Module, batch: torch.Tensor, path: Path) -> None:
     # model.onnx.data beside it, which must travel with it.
     weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     torch.onnx.export(model.eval(), (batch,), str(path), input_names=["input"], output_names=["output"],
-                      dynamo=True, verbose=False, dynamic_shapes=({0: BATCH},),
+                      dynamo=True, verbose=False, dynamic_shapes=({0: batch_dim()},),
                       external_data=weight_bytes > ONNX_SINGLE_FILE_BYTES)
 
 

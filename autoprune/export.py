@@ -25,7 +25,7 @@ from ._bundle import built_whole, check_out_dir
 from ._compare import ScoreDifference, paired_difference
 from ._export_figures import write_export_figures
 from ._latency_check import LatencyBudgetWarning, LatencyCheck
-from ._onnx import BATCH, check_onnx, onnx_runtime_latency, write_onnx
+from ._onnx import batch_dim, check_onnx, onnx_runtime_latency, write_onnx
 from ._report import ExportReport, LatencyReport, ModelRow, report_markdown, uniform_wins_on_val
 from ._workdir import resolve_workdir, searched_workdir
 from .budget import Budget, uniform_plan
@@ -119,7 +119,7 @@ def write_deployables(
         expected = model(batch)
     formats: dict[str, Any] = {}
     try:
-        program = torch.export.export(model, (batch,), dynamic_shapes=({0: BATCH},))
+        program = torch.export.export(model, (batch,), dynamic_shapes=({0: batch_dim()},))
         torch.export.save(program, out_dir / "model.pt2")
         loaded = torch.export.load(out_dir / "model.pt2").module()
         with torch.no_grad():

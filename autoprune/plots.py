@@ -8,17 +8,27 @@ and choosing a backend here would stop the user's own plots from showing inline.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.axes import Axes
-from matplotlib.axis import Axis
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, ScalarFormatter
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.axis import Axis
+    from matplotlib.figure import Figure
 
 __all__ = ["score_vs_macs", "score_vs_latency", "plan_ratios", "history", "pareto_indices", "close", "Figure"]
 
 #: A point to mark: (x, score, trial number).
 Marked = tuple[float, float, int]
+
+
+def __getattr__(name: str) -> Any:
+    # matplotlib is imported on first drawing, not with autoprune: it adds ~0.8 s to every CLI
+    # command, most of which draw nothing.
+    if name == "Figure":
+        from matplotlib.figure import Figure
+
+        return Figure
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def pareto_indices(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -92,6 +102,9 @@ def score_vs_latency(
 
 
 def _new_figure(width: float, height: float) -> tuple[Figure, Axes]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)  # draws and saves without pyplot
     return fig, fig.subplots()
@@ -121,6 +134,8 @@ def _readable(axis: Axis, set_limits: Callable[[float, float], object], values: 
               min_span: float) -> None:
     """Limits at least ``min_span`` wide around ``values`` and at most seven plain tick labels
     (no offset, no scientific notation), however close together the values are."""
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
     known = [v for v in values if v is not None]
     if not known:
         return
