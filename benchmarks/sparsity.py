@@ -2,16 +2,16 @@
 
 For each task and sparsity (the fraction of the prunable weights set to zero; budget
 ``nonzeros=1-sparsity``) a search of ``--trials`` candidate evaluations (TPE, or the
-``--sampler`` named: CMA-ES starts at the best baseline and refines it) picks a plan; the search's
-study also holds the uniform, global-magnitude and LAMP plans at the same budget (its first
-trials). Each of the four plans is then fine-tuned with one identical recipe, once one-shot
-and once gradually (``polynomial:begin=0,end=0.75,power=3``), and scored on the test split (used for
-nothing else); the compressed file of every fine-tuned model is measured against the dense file.
+``--sampler`` named) picks a plan; the search's study also holds the uniform, global-magnitude
+and LAMP plans at the same budget (its first trials). Each of the four plans is then fine-tuned
+with one identical recipe, once one-shot and once gradually
+(``polynomial:begin=0,end=0.75,power=3``), and scored on the test split (used for nothing else);
+the compressed file of every fine-tuned model is measured against the dense file.
 Every trial of every study is checked against its budget (nonzeros at or below it, within 0.5%).
 
 Targets (#15): at sparsity 0.9, the searched plan >= global magnitude and >= LAMP after identical
-fine-tuning, and >= uniform + 1 point; at 0.95, searched - uniform >= 3 points; the compressed file at
-0.9 <= 20% of the dense file's bytes.
+fine-tuning, and >= uniform + 1 point; at 0.95, searched - uniform >= 3 points; the compressed
+file at 0.9 <= 20% of the dense file's bytes.
 
 Writes benchmarks/results/sparsity.{json,md}, with the tasks and sparsities in the name when they
 are not the defaults and the sampler when it is not TPE (``--quick``: sparsity_quick.*, digits-cnn
@@ -223,7 +223,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="fine-tuning seeds")
     parser.add_argument("--seed", type=int, default=0, help="the search's seed")
     parser.add_argument("--sampler", default="tpe", choices=["tpe", "cmaes", "gp", "random", "qmc"],
-                        help="the search's Optuna sampler (cmaes starts from the best baseline)")
+                        help="the search's Optuna sampler")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", default=str(Path("autoprune-runs") / "sparsity-bench"))
     parser.add_argument("--data-root", default=None)

@@ -85,25 +85,6 @@ def test_every_sampler_runs_within_budget(workdir, sampler):
     assert all(r is not None for r in raw)  # raw and projected values are both recorded
 
 
-def test_cmaes_starts_its_search_at_the_best_baseline():
-    from autoprune.strategies import make_sampler
-    from autoprune.study import ATTR_BASELINE
-
-    dims = {f"g{i}": optuna.distributions.FloatDistribution(0.0, 1.0) for i in range(10)}
-    best = {name: (0.95 if i % 2 else 0.05) for i, name in enumerate(dims)}  # far from the box's middle
-    study = optuna.create_study(direction="maximize", sampler=make_sampler("cmaes", seed=0))
-    for label, params, value in [("uniform", dict.fromkeys(dims, 0.5), 0.3), ("global", best, 0.55)]:
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=dims, value=value,
-                                                  user_attrs={ATTR_BASELINE: label}))
-    proposed = []
-    for _ in range(8):
-        trial = study.ask()
-        proposed.append([trial.suggest_float(name, 0.0, 1.0) for name in dims])
-        study.tell(trial, 0.0)
-    distance = sum(abs(x - b) for xs in proposed for x, b in zip(xs, best.values())) / (8 * len(dims))
-    assert distance < 0.15, f"CMA-ES's first generation is {distance:.2f} from the best baseline on average"
-
-
 @pytest.mark.parametrize("strategy, trials", [("uniform", 1), ("global", 1), ("random", 3)])
 def test_baseline_strategies_are_tracked_the_same_way(workdir, strategy, trials):
     result = ap.search(SPACE, strategy=strategy, n_trials=3, workdir=workdir, show_progress=False)

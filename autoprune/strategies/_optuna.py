@@ -12,7 +12,6 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..errors import ConfigError
 from ..plan import Plan
-from ..study import ATTR_BASELINE
 from .base import PARETO_TARGET, BaseStrategy, SearchContext
 
 __all__ = ["OptunaStrategy", "RandomSearchStrategy", "make_sampler", "make_stopper", "stopper_step", "SAMPLER_NAMES",
@@ -42,36 +41,36 @@ class _TrialSeededSampler(optuna.samplers.BaseSampler):
     instance per trial loses nothing but a warm-start cache.
     """
 
-    def __init__(self, make: Callable[[int, optuna.Study], optuna.samplers.BaseSampler], seed: int) -> None:
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
         self._make = make
         self._seed = seed
         self._by_trial: dict[int, optuna.samplers.BaseSampler] = {}
 
-    def _for(self, study: optuna.Study, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+    def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
         sampler = self._by_trial.get(trial.number)
         if sampler is None:
             if len(self._by_trial) > 16:  # trials failed by other workers never reach after_trial
                 self._by_trial.pop(next(iter(self._by_trial)))
-            sampler = self._by_trial[trial.number] = self._make(trial_seed(self._seed, trial.number), study)
+            sampler = self._by_trial[trial.number] = self._make(trial_seed(self._seed, trial.number))
         return sampler
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        return self._for(study, trial).infer_relative_search_space(study, trial)
+        return self._for(trial).infer_relative_search_space(study, trial)
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        return self._for(study, trial).sample_relative(study, trial, search_space)
+        return self._for(trial).sample_relative(study, trial, search_space)
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
                            param_distribution: BaseDistribution) -> Any:
-        return self._for(study, trial).sample_independent(study, trial, param_name, param_distribution)
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self._for(study, trial).before_trial(study, trial)
+        self._for(trial).before_trial(study, trial)
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
                     values: Sequence[float] | None) -> None:
-        self._for(study, trial).after_trial(study, trial, state, values)
+        self._for(trial).after_trial(study, trial, state, values)
         self._by_trial.pop(trial.number, None)
 
     def reseed_rng(self) -> None:  # the streams are fixed by (seed, trial number) by design
@@ -92,40 +91,17 @@ def make_sampler(name: str, *, seed: int, pareto: bool = False) -> optuna.sample
         raise ConfigError(f"Unknown sampler {name!r}; allowed: {', '.join(SAMPLER_NAMES)}.")
     if name in _STUDY_INDEXED:
         return _base_sampler(name, seed)
-    return _TrialSeededSampler(lambda trial_seed_, study: _base_sampler(name, trial_seed_, study), seed)
+    return _TrialSeededSampler(lambda trial_seed_: _base_sampler(name, trial_seed_), seed)
 
 
-#: CMA-ES's initial step from the best baseline, in units of each ratio's range (Optuna's default,
-#: from the middle of the box, is 1/6).
-CMAES_SIGMA_FROM_BASELINE = 0.1
-
-
-def _best_baseline_params(study: optuna.Study | None) -> dict[str, Any] | None:
-    """The raw ratios of the study's best finished baseline trial, or None before there is one."""
-    if study is None or len(study.directions) != 1:
-        return None
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.user_attrs.get(ATTR_BASELINE) and t.value is not None]
-    if not done:
-        return None
-    sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
-    return dict(max(done, key=lambda t: sign * t.value).params)
-
-
-def _base_sampler(name: str, seed: int, study: optuna.Study | None = None) -> optuna.samplers.BaseSampler:
+def _base_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     if name == "tpe":
         # Multivariate TPE models the ratios jointly: which groups to prune depends on the others.
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10)
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, deterministic_objective=True)
     if name == "cmaes":
-        # CMA-ES refines one point. The middle of the box is a poor one (at 90% weight sparsity
-        # it leaves every layer about half dense before projection); the best of the baselines
-        # the study starts with (uniform, global, LAMP) is the allocation to improve on. The point
-        # only seeds the first generation: later ones restore CMA-ES's state from the study.
-        x0 = _best_baseline_params(study)
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False, x0=x0,
-                                            sigma0=CMAES_SIGMA_FROM_BASELINE if x0 is not None else None)
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "qmc":
