@@ -263,7 +263,8 @@ def project(
 
     Groups missing from ``raw`` start at their lower bound. The returned plan's MACs (or params)
     never exceed the budget and are as close below it as the channel grid allows; the budget is
-    refused before any work when even the largest allowed ratios cannot meet it.
+    refused before any work when even the largest allowed ratios cannot meet it. Channel ratios
+    move by one shift; in sparsity mode each tensor's density (1 - ratio) by one factor.
     """
     grid = Grid(profile, budget, bounds, round_to, latency)
     unknown = sorted(set(raw) - set(grid.names))
@@ -283,9 +284,19 @@ def project(
 def _shift_project(grid: Grid, r: np.ndarray, provenance: Mapping[str, Any]) -> Plan:
     grid.check_feasible()
     lattice, cost = grid.lattice, grid.cost
+    if grid.profile.mode == "sparsity":
+        # Weight tensors are shifted in log density (each keeps the same factor more or fewer of
+        # its weights), not in ratio: at 90% sparsity an additive shift pins every tensor whose
+        # raw ratio is above average at the 0.99 bound and leaves the rest far denser, a plan
+        # that scores far below the proportional allocations (global magnitude, LAMP).
+        log_density = np.log1p(-r)
+        span = float(np.max(np.log1p(-grid.lo) - np.log1p(-grid.hi))) + 1e-9
 
-    def ratios_at(shift: float) -> np.ndarray:
-        return np.clip(r + shift, grid.lo, grid.hi)
+        def ratios_at(shift: float) -> np.ndarray:
+            return np.clip(-np.expm1(log_density - shift * span), grid.lo, grid.hi)
+    else:
+        def ratios_at(shift: float) -> np.ndarray:
+            return np.clip(r + shift, grid.lo, grid.hi)
 
     # At -1 every group sits at its lower bound, at +1 at its upper bound (which meets the budget).
     shift = bisect(lambda s: cost.fits(lattice.snap_down(ratios_at(s))), -1.0, 1.0)

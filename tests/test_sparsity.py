@@ -82,6 +82,18 @@ def test_every_plan_meets_the_budget_within_half_a_percent(sparse_profile, spars
         assert limit * 0.995 <= plan.metrics[value] <= limit, (plan.provenance, plan.metrics[value], limit)
 
 
+def test_projection_scales_every_tensors_density_by_one_factor(sparse_profile):
+    # Raw ratios 0.5 and 0.8 are densities 0.5 and 0.2; at 10% of the weights both shrink by one
+    # factor (2.5 : 1 kept) instead of one shift in ratio, which would pin the second at 0.99.
+    raw = {g.name: (0.5 if i % 2 else 0.8) for i, g in enumerate(sparse_profile.groups)}
+    plan = ap.project(sparse_profile, raw, ap.Budget(nonzeros=0.1))
+    density = {n: 1 - plan.ratios[n] for n in raw}
+    sparse, dense = [density[n] for n in raw if raw[n] == 0.8], [density[n] for n in raw if raw[n] == 0.5]
+    assert max(density.values()) < 0.5 and min(density.values()) > 0.011  # none at a bound
+    assert min(dense) / max(sparse) == pytest.approx(2.5, rel=0.02)
+    assert max(dense) / min(sparse) == pytest.approx(2.5, rel=0.02)
+
+
 def test_uniform_global_and_lamp_allocate_differently(sparse_profile, sparse_evaluator):
     b = ap.Budget(nonzeros=0.1)
     uniform = ap.uniform_plan(sparse_profile, b)
