@@ -15,8 +15,8 @@ file at 0.9 <= 20% of the dense file's bytes.
 
 Writes benchmarks/results/sparsity.{json,md}, with the tasks and sparsities in the name when they
 are not the defaults and the sampler when it is not TPE (``--quick``: sparsity_quick.*, digits-cnn
-only, two sparsities, a few trials: a check that the benchmark runs end to end, not a measurement). Studies
-and finished fine-tunes are kept in the workdir (default ./autoprune-runs/sparsity-bench), so an
+only, two sparsities, a few trials: a check that the benchmark runs end to end, not a
+measurement). Studies and finished fine-tunes are kept in the workdir (default ./autoprune-runs/sparsity-bench), so an
 interrupted run resumes where it stopped. Dense checkpoints are looked up in <workdir>/checkpoints
 and among those autoprune ships (fashionmnist-resnet20); cifar10-resnet20 needs CIFAR-10 under
 --data-root (or AUTOPRUNE_DATA) and its trained checkpoint, ``autoprune train --task
@@ -24,7 +24,8 @@ cifar10-resnet20 --workdir <workdir>``, or that file copied there; a task withou
 with the reason.
 
     python benchmarks/sparsity.py [--tasks fashionmnist-resnet20 cifar10-resnet20]
-        [--sparsities 0.5 0.8 0.9 0.95] [--trials 100] [--sampler tpe] [--epochs 1] [--seeds 0] [--workdir DIR]
+        [--sparsities 0.5 0.8 0.9 0.95] [--trials 100] [--sampler tpe] [--epochs 1] [--seeds 0]
+        [--workdir DIR]
     python benchmarks/sparsity.py --quick
 """
 
@@ -107,9 +108,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             study_name = f"sparsity-bench-{name}-s{sparsity:g}-{args.sampler}-{args.trials}-seed{args.seed}"
             start = time.perf_counter()
             result = ap.search("digits-sparsity", task=name, budget=budget, n_trials=args.trials, seed=args.seed,
-                               sampler=args.sampler,
-                               study=study_name, workdir=workdir, data_root=args.data_root, show_progress=False,
-                               threads=args.threads)
+                               sampler=args.sampler, study=study_name, workdir=workdir, data_root=args.data_root,
+                               show_progress=False, threads=args.threads)
             study = optuna.load_study(study_name=study_name, storage=result.storage_url)
             check = _budget_check(study, (1 - sparsity) * profile.nonzeros)
             studies.append({"task": name, "sparsity": sparsity, "study": study_name, "budget": budget,
@@ -120,9 +120,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for label, schedule in SCHEDULES.items():
                     for seed in args.seeds:
                         # A searched plan that is a baseline's plan is that baseline's fine-tune.
-                        same = plan.provenance.get("strategy") if strategy == args.sampler else strategy
-                        same = same if same in BASELINES else strategy
-                        key = f"{name}|{sparsity:g}|{same}|{label}|{args.epochs:g}|{args.trials}|{args.seed}|{seed}"
+                        tuned_as = plan.provenance.get("strategy") if strategy == args.sampler else strategy
+                        tuned_as = tuned_as if tuned_as in BASELINES else strategy
+                        key = f"{name}|{sparsity:g}|{tuned_as}|{label}|{args.epochs:g}|{args.trials}|{args.seed}|{seed}"
                         if key not in cache:
                             model = sparsify_and_finetune(task, plan, profile, epochs=args.epochs,
                                                           schedule=FinetuneSchedule.parse(schedule), seed=seed,
