@@ -38,13 +38,3 @@ def test_the_wheel_ships_search_spaces_and_checkpoints_and_runs_outside_the_repo
                               capture_output=True, text=True, timeout=600, env=env)
     assert searched.returncode == 0, searched.stderr[-2000:]
     assert "2 finished trials" in searched.stdout and (elsewhere / "autoprune-runs" / "mlflow.db").is_file()
-
-
-def test_the_cli_starts_without_importing_plotting_or_export_machinery():
-    # matplotlib (~0.8 s) and torch.export's sympy (~0.5 s) are imported when a figure is drawn or
-    # a model exported; every other command, `--help` included, must not wait for them.
-    code = ("import sys, autoprune.cli; "
-            "loaded = sorted(m for m in ('matplotlib', 'sympy', 'stable_baselines3') if m in sys.modules); "
-            "assert not loaded, f'import autoprune.cli imported {loaded}'")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
